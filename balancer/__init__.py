@@ -1,0 +1,1 @@
+"""The Balancer: worker registry, load reports, routing policies."""

@@ -1,0 +1,103 @@
+"""Live workers as the balancer knows them: what they are, their last reported load, and in-flight counts.
+
+Soft state only: after a balancer restart, workers re-register and the table rebuilds itself. A worker whose
+reports stop for ``timeout_s`` leaves rotation; the clock is injected so tests can move time by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerState:
+    worker_id: str
+    address: str = ""
+    model: str = ""
+    gpu_type: str = ""
+    executor: str = "sim"
+    max_model_len: int = 4096
+    kv_blocks_total: int = 0
+    block_size: int = 16
+    engine_policy: str = ""
+    # last load report
+    running: int = 0
+    waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_free: int = 0
+    step_time_ms: float = 0.0
+    pending_prefill_tokens: int = 0
+    decode_context_tokens: int = 0
+    iterations: int = 0
+    draining: bool = False
+    # balancer's own view
+    outstanding: int = 0                  # routed by gateways, not yet released
+    last_seen: float = 0.0
+    generation: int = 0                   # bumps on every (re-)registration
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens",
+               "decode_context_tokens", "iterations", "draining")
+INFO_FIELDS = ("address", "model", "gpu_type", "executor", "max_model_len", "kv_blocks_total", "block_size",
+               "engine_policy")
+
+
+class Registry:
+    def __init__(self, clock: Callable[[], float], timeout_s: float) -> None:
+        self.clock = clock
+        self.timeout_s = timeout_s
+        self.workers: dict[str, WorkerState] = {}
+
+    def register(self, worker_id: str, **info: object) -> WorkerState:
+        old = self.workers.get(worker_id)
+        state = WorkerState(worker_id, **{k: v for k, v in info.items() if k in INFO_FIELDS})
+        state.kv_blocks_free = state.kv_blocks_total
+        state.last_seen = self.clock()
+        state.generation = old.generation + 1 if old else 1
+        self.workers[worker_id] = state
+        log.info("worker registered", extra={"fields": {"worker_id": worker_id, "gpu_type": state.gpu_type,
+                                                          "address": state.address}})
+        return state
+
+    def report(self, worker_id: str, **load: object) -> bool:
+        state = self.workers.get(worker_id)
+        if state is None:
+            return False
+        for key in LOAD_FIELDS:
+            if key in load:
+                setattr(state, key, load[key])
+        state.last_seen = self.clock()
+        return True
+
+    def remove(self, worker_id: str, reason: str, generation: int | None = None) -> bool:
+        state = self.workers.get(worker_id)
+        if state is None or (generation is not None and state.generation != generation):
+            return False
+        del self.workers[worker_id]
+        log.warning("worker removed", extra={"fields": {"worker_id": worker_id, "reason": reason}})
+        return True
+
+    def expire(self) -> list[str]:
+        now = self.clock()
+        stale = [w for w, s in self.workers.items() if now - s.last_seen > self.timeout_s]
+        for worker_id in stale:
+            self.remove(worker_id, f"no load report for {self.timeout_s:.1f}s")
+        return stale
+
+    def routable(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[WorkerState]:
+        now = self.clock()
+        return [s for s in self.workers.values()
+                if not s.draining and now - s.last_seen <= self.timeout_s and s.worker_id not in exclude]
+
+    def acquire(self, worker_id: str) -> None:
+        if (state := self.workers.get(worker_id)) is not None:
+            state.outstanding += 1
+
+    def release(self, worker_id: str) -> None:
+        if (state := self.workers.get(worker_id)) is not None and state.outstanding > 0:
+            state.outstanding -= 1

@@ -1,0 +1,242 @@
+"""The Gateway service: validates, classes and routes each request, then relays the worker's stream.
+
+Retries happen only before the first token (another worker, bounded and jittered); after it, a failure ends
+the stream with ABORTED and the tokens already sent stay sent. A client that cancels cancels the worker call,
+which aborts the request on the worker at once. Every accepted request ends with a final message or a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Sequence
+
+import grpc
+from opentelemetry import trace
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+from gateway.auth import AuthError, authenticate
+from services import rpc
+from services import settings as settings_mod
+from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, profiler_pb2,
+                          profiler_pb2_grpc, worker_pb2, worker_pb2_grpc)
+from services.server import ServiceHost, run_service
+from services.slo import DEFAULT_CLASS
+from services.validation import Invalid, check_prompt_text, check_sampling
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.UNKNOWN}
+
+
+class WorkerFailedEarly(Exception):
+    """The chosen worker failed before the first token: worth another worker."""
+
+    def __init__(self, worker_id: str, error: grpc.aio.AioRpcError) -> None:
+        super().__init__(f"{worker_id}: {error.code().name} {error.details()}")
+        self.worker_id = worker_id
+        self.error = error
+
+
+class Relay:
+    """One request's way through the gateway: timings as the gateway sees them, tokens sent so far."""
+
+    def __init__(self, arrival: float) -> None:
+        self.arrival = arrival
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.tokens_sent = 0
+        self.worker_id = ""
+
+    def metrics(self, worker: common_pb2.RequestMetrics) -> common_pb2.RequestMetrics:
+        ms = 1000.0
+        first = self.first_token or time.perf_counter()
+        last = self.last_token or first
+        tpot = (last - first) / (self.tokens_sent - 1) * ms if self.tokens_sent > 1 else 0.0
+        return common_pb2.RequestMetrics(
+            prompt_tokens=worker.prompt_tokens, completion_tokens=self.tokens_sent, queue_ms=worker.queue_ms,
+            ttft_ms=(first - self.arrival) * ms if self.tokens_sent else 0.0, tpot_ms=tpot,
+            e2e_ms=(last - self.arrival) * ms, worker_id=self.worker_id, preemptions=worker.preemptions)
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, cfg: settings_mod.GatewaySettings, host: ServiceHost) -> None:
+        self.cfg = cfg
+        self.telemetry = host.telemetry
+        self.tracer = host.telemetry.tracer
+        self._balancer_channel = rpc.channel(cfg.balancer_address, self.telemetry)
+        self.balancer = balancer_pb2_grpc.BalancerStub(self._balancer_channel)
+        self.profiler = (profiler_pb2_grpc.ProfilerStub(rpc.channel(cfg.profiler_address))
+                         if cfg.profiler_address else None)
+        self._workers: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self._predictions: dict[tuple[str, int], common_pb2.LengthPrediction] = {}
+        self._background: set[asyncio.Task] = set()
+
+    # ----- RPCs --------------------------------------------------------------------------------------
+    async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        relay = Relay(time.perf_counter())
+        slo_class = request.slo_class or DEFAULT_CLASS
+        try:
+            self._validate(request, slo_class)
+            tenant = authenticate(context.invocation_metadata() or (), self.cfg.api_keys, request.tenant)
+        except Invalid as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except AuthError as e:
+            code = grpc.StatusCode.UNAUTHENTICATED if e.code == "unauthenticated" else grpc.StatusCode.PERMISSION_DENIED
+            await context.abort(code, str(e))
+        request_id = request.request_id or uuid.uuid4().hex
+        slo = self.cfg.slo_classes[slo_class]
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else self.cfg.default_max_tokens
+        with self.telemetry.server_span("gateway.generate", context.invocation_metadata()) as span:
+            span.set_attributes({"tandem.request_id": request_id, "tandem.slo_class": slo_class,
+                                 "tandem.tenant": tenant, "tandem.max_tokens": max_tokens})
+            worker_request = worker_pb2.WorkerGenerateRequest(
+                request_id=request_id, prompt=request.prompt, priority=request.priority, tenant=tenant,
+                sampling=common_pb2.SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=request.temperature if request.HasField("temperature") else 1.0,
+                    top_p=request.top_p if request.HasField("top_p") else 1.0, top_k=request.top_k,
+                    seed=request.seed if request.HasField("seed") else None, stop=request.stop,
+                    ignore_eos=request.ignore_eos),
+                slo=common_pb2.SloSpec(slo_class=slo_class, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
+                                       e2e_ms=slo.e2e_ms, sheddable=slo.sheddable),
+                predicted_length=await self._predict(slo_class, max_tokens))
+            route = balancer_pb2.RouteRequest(request_id=request_id, slo_class=slo_class,
+                                              prompt_chars=len(request.prompt), max_tokens=max_tokens,
+                                              priority=request.priority, tenant=tenant,
+                                              predicted_length=worker_request.predicted_length)
+            await self._run(worker_request, route, relay, context, span)
+
+    async def ClusterStatus(self, request: gateway_pb2.ClusterStatusRequest, context: grpc.aio.ServicerContext
+                            ) -> gateway_pb2.ClusterStatusResponse:
+        try:
+            listing = await self.balancer.ListWorkers(balancer_pb2.ListWorkersRequest(), timeout=2)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"balancer: {e.details()}")
+        return gateway_pb2.ClusterStatusResponse(workers=listing.workers, routing_policy=listing.routing_policy)
+
+    # ----- the request's way -------------------------------------------------------------------------
+    def _validate(self, request: gateway_pb2.GenerateRequest, slo_class: str) -> None:
+        check_prompt_text(request.prompt, self.cfg.max_prompt_bytes)
+        check_sampling(max_tokens=request.max_tokens if request.HasField("max_tokens") else None,
+                       temperature=request.temperature if request.HasField("temperature") else None,
+                       top_p=request.top_p if request.HasField("top_p") else None, top_k=request.top_k,
+                       stop=list(request.stop), max_stop_strings=self.cfg.max_stop_strings)
+        if slo_class not in self.cfg.slo_classes:
+            raise Invalid("slo_class", f"unknown class {slo_class!r}; known: {', '.join(sorted(self.cfg.slo_classes))}")
+        if len(request.request_id) > 128:
+            raise Invalid("request_id", "at most 128 characters")
+
+    async def _predict(self, slo_class: str, max_tokens: int) -> common_pb2.LengthPrediction:
+        """Cached, and bounded in time: a slow Profiler never holds a request up."""
+        key = (slo_class, max_tokens)
+        cached = self._predictions.get(key)
+        if cached is not None or self.profiler is None:
+            return cached or common_pb2.LengthPrediction()
+        try:
+            prediction = await self.profiler.PredictLength(
+                profiler_pb2.PredictLengthRequest(slo_class=slo_class, max_tokens=max_tokens),
+                timeout=self.cfg.predict_timeout_ms / 1000)
+        except grpc.aio.AioRpcError:
+            return common_pb2.LengthPrediction()
+        if len(self._predictions) > 4096:
+            self._predictions.clear()
+        self._predictions[key] = prediction
+        return prediction
+
+    async def _run(self, worker_request: worker_pb2.WorkerGenerateRequest, route: balancer_pb2.RouteRequest,
+                   relay: Relay, context: grpc.aio.ServicerContext, span: trace.Span) -> None:
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.cfg.retry_attempts),
+                                 wait=wait_random_exponential(multiplier=0.01, max=0.2),
+                                 retry=retry_if_exception_type(WorkerFailedEarly), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(worker_request, route, relay, context)
+        except WorkerFailedEarly as e:
+            span.set_attribute("tandem.outcome", "unavailable")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"no worker could take the request after {len(route.exclude_workers)} tries: {e}")
+        span.set_attributes({"tandem.worker_id": relay.worker_id, "tandem.completion_tokens": relay.tokens_sent})
+
+    async def _attempt(self, worker_request: worker_pb2.WorkerGenerateRequest, route: balancer_pb2.RouteRequest,
+                       relay: Relay, context: grpc.aio.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        try:
+            choice = await self.balancer.Route(route, timeout=min(remaining or 5.0, 5.0))
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE and route.exclude_workers:
+                raise WorkerFailedEarly("balancer", e) from None
+            await context.abort(e.code(), f"balancer: {e.details()}")
+        relay.worker_id = choice.worker_id
+        call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining())
+        try:
+            async for chunk in call:
+                now = time.perf_counter()
+                if chunk.token_ids:
+                    relay.first_token = relay.first_token or now
+                    relay.last_token = now
+                    relay.tokens_sent += len(chunk.token_ids)
+                reply = gateway_pb2.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+                if chunk.finish_reason:
+                    reply.finish_reason = chunk.finish_reason
+                    reply.request_id = worker_request.request_id
+                    reply.metrics.CopyFrom(relay.metrics(chunk.metrics))
+                    self._record(worker_request, reply.metrics)
+                await context.write(reply)
+        except grpc.aio.AioRpcError as e:
+            if relay.tokens_sent == 0 and e.code() in RETRYABLE:
+                route.exclude_workers.append(choice.worker_id)
+                raise WorkerFailedEarly(choice.worker_id, e) from None
+            if relay.tokens_sent == 0:
+                await context.abort(e.code(), e.details() or e.code().name)
+            await context.abort(grpc.StatusCode.ABORTED, f"worker {choice.worker_id} failed after "
+                                f"{relay.tokens_sent} tokens: {e.code().name} {e.details()}")
+        finally:
+            if not call.done():
+                call.cancel()
+            self._spawn(self.balancer.Release(balancer_pb2.ReleaseRequest(
+                worker_id=choice.worker_id, request_id=worker_request.request_id), timeout=2))
+
+    # ----- helpers -----------------------------------------------------------------------------------
+    def _worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        stub = self._workers.get(address)
+        if stub is None:
+            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address, self.telemetry))
+        return stub
+
+    def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics) -> None:
+        if self.profiler is not None:
+            self._spawn(self.profiler.RecordCompletion(profiler_pb2.CompletionRecord(
+                request_id=request.request_id, slo_class=request.slo.slo_class, worker_id=metrics.worker_id,
+                metrics=metrics), timeout=2))
+
+    def _spawn(self, call: object) -> None:
+        """Fire and forget, off the token path; failures are logged, never raised."""
+
+        async def run() -> None:
+            try:
+                await call  # type: ignore[misc]
+            except grpc.aio.AioRpcError as e:
+                log.debug("background call failed", extra={"fields": {"code": e.code().name}})
+
+        task = asyncio.ensure_future(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    cfg = settings_mod.load(settings_mod.GatewaySettings, argv, prog="tandem serve gateway")
+    if not cfg.balancer_address:
+        raise SystemExit("gateway: --balancer-address (or TANDEM_BALANCER_ADDRESS) is required")
+
+    async def build() -> ServiceHost:
+        host = ServiceHost("gateway", cfg)
+        host.add_service(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(cfg, host),
+                         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name)
+        return host
+
+    run_service(build)

@@ -1,0 +1,1 @@
+"""What every Tandem service is built from: stubs, server bootstrap, settings, telemetry, CLI, and the Profiler."""

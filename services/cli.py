@@ -1,0 +1,175 @@
+"""The ``tandem`` command: run the stack, talk to it, and measure it."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Tandem: SLO-aware LLM serving on heterogeneous GPU clusters.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+console = Console(stderr=True)
+SERVICES = ("gateway", "balancer", "worker", "profiler")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def serve(ctx: typer.Context, service: str = typer.Argument(..., help="gateway, balancer, worker or profiler")) -> None:
+    """Run one service in the foreground; flags after the name are its settings (--help lists them)."""
+    if service not in SERVICES:
+        raise typer.BadParameter(f"unknown service {service!r}; choose from {', '.join(SERVICES)}")
+    argv = list(ctx.args)
+    try:
+        if service == "gateway":
+            from gateway.service import main
+        elif service == "balancer":
+            from balancer.service import main
+        elif service == "worker":
+            from workers.service import main
+        else:
+            from services.profiler.service import main
+        main(argv)
+    except ValueError as e:     # unknown policy, GPU type or model: one clear line, not a traceback
+        console.print(f"[red]{service}: {e}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _policy_pair(policy: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    if not policy:
+        return None, None
+    route, _, engine = policy.partition("/")
+    return route or None, engine or None
+
+
+def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: Optional[Path]):
+    from balancer.routing import policy_names as routing_names
+    from services.cluster import ClusterFileError, load_cluster
+    from services.launcher import LocalStack
+    from workers.policies import policy_names as engine_names
+
+    try:
+        spec = load_cluster(cluster)
+    except ClusterFileError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    route, engine = _policy_pair(policy)
+    if route:
+        if route not in routing_names():
+            raise typer.BadParameter(f"unknown routing policy {route!r}; known: {', '.join(routing_names())}")
+        spec.routing_policy = route
+    if engine:
+        if engine not in engine_names():
+            raise typer.BadParameter(f"unknown engine policy {engine!r}; known: {', '.join(engine_names())}")
+        spec.engine_policy = engine
+    return LocalStack(spec, gateway_port=port, log_dir=log_dir)
+
+
+@app.command()
+def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); default: three sim workers"),
+       port: int = typer.Option(50051, help="gateway port"),
+       policy: Optional[str] = typer.Option(None, help="ROUTE/ENGINE policies, e.g. least_outstanding/fcfs"),
+       log_dir: Optional[Path] = typer.Option(None, help="where service logs go (default: a temp folder)")) -> None:
+    """Start the whole local stack on 127.0.0.1 in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
+    stack = _stack(cluster, port, policy, log_dir)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with console.status("starting the stack ..."):
+        stack.start()
+    table = Table(title="Tandem stack", show_lines=False)
+    for col in ("service", "address", "pid"):
+        table.add_column(col)
+    for name, proc in stack.processes.items():
+        table.add_row(name, proc.address, str(proc.popen.pid))
+    console.print(table)
+    console.print(f"gateway on [bold]{stack.gateway_address}[/bold]; logs in {stack.log_dir}; Ctrl-C to stop")
+    try:
+        while not stop.wait(0.5):
+            dead = [n for n, p in stack.processes.items() if p.popen.poll() is not None]
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited; stopping[/red]")
+                break
+    finally:
+        with console.status("stopping ..."):
+            stack.stop()
+    console.print("stopped")
+
+
+@app.command()
+def generate(prompt: str = typer.Argument(..., help="the prompt"),
+             max_tokens: Optional[int] = typer.Option(None, help="tokens to generate"),
+             slo_class: str = typer.Option("interactive", help="interactive, code, batch or a configured class"),
+             temperature: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+             priority: int = typer.Option(0), tenant: str = typer.Option(""),
+             address: str = typer.Option("127.0.0.1:50051", help="gateway address"),
+             timeout: Optional[float] = typer.Option(None, help="deadline in seconds")) -> None:
+    """Stream one answer to stdout, then print its metrics."""
+    import grpc
+
+    from services.rpc import gateway_pb2, gateway_pb2_grpc
+
+    async def run() -> gateway_pb2.GenerateResponse:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            req = gateway_pb2.GenerateRequest(prompt=prompt, slo_class=slo_class, priority=priority, tenant=tenant,
+                                              max_tokens=max_tokens, temperature=temperature, seed=seed)
+            last = None
+            async for reply in stub.Generate(req, timeout=timeout):
+                sys.stdout.write(reply.text)
+                sys.stdout.flush()
+                last = reply
+            sys.stdout.write("\n")
+            return last
+
+    try:
+        last = asyncio.run(run())
+    except grpc.aio.AioRpcError as e:
+        console.print(f"[red]{e.code().name}: {e.details()}[/red]")
+        raise typer.Exit(1) from None
+    m = last.metrics
+    table = Table(title=f"finish: {last.finish_reason}")
+    for col in ("worker", "prompt", "completion", "queue ms", "TTFT ms", "TPOT ms", "E2E ms", "preemptions"):
+        table.add_column(col)
+    table.add_row(m.worker_id, str(m.prompt_tokens), str(m.completion_tokens), f"{m.queue_ms:.1f}",
+                  f"{m.ttft_ms:.1f}", f"{m.tpot_ms:.1f}", f"{m.e2e_ms:.1f}", str(m.preemptions))
+    console.print(table)
+
+
+@app.command()
+def status(address: str = typer.Option("127.0.0.1:50051", help="gateway address")) -> None:
+    """Print the cluster table: workers, GPU type, load and health."""
+    import grpc
+
+    from services.rpc import gateway_pb2, gateway_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = gateway_pb2_grpc.GatewayStub(channel).ClusterStatus(gateway_pb2.ClusterStatusRequest(), timeout=5)
+    except grpc.RpcError as e:
+        console.print(f"[red]{e.code().name}: {e.details()}[/red]")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{len(reply.workers)} workers, routing: {reply.routing_policy}")
+    for col in ("worker", "address", "GPU", "model", "executor", "running", "waiting", "in flight", "KV used",
+                "step ms", "report age s", "state"):
+        table.add_column(col)
+    for w in reply.workers:
+        i, load = w.info, w.load
+        table.add_row(i.worker_id, i.address, i.gpu_type, i.model, i.executor, str(load.running), str(load.waiting),
+                      str(w.outstanding), f"{load.kv_blocks_used}/{i.kv_blocks_total}", f"{load.step_time_ms:.1f}",
+                      f"{w.last_report_age_s:.2f}", w.state)
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Cluster files: which workers a stack runs (executor, GPU type, model, ports) and with which policies."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.profiler.catalog import gpu, model
+from services.slo import SloClass
+
+
+class WorkerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    executor: Literal["sim", "torch", "vllm"] = "sim"
+    gpu_type: str = "A100-80G"
+    model: str = "llama-2-7b"
+    port: int = Field(0, ge=0, le=65535)
+    kv_blocks: int = Field(0, ge=0)
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(2048, gt=0)
+    time_scale: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _known_names(self) -> "WorkerSpec":
+        gpu(self.gpu_type)
+        if self.executor == "sim":
+            model(self.model)
+        return self
+
+
+class ClusterSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    routing_policy: str = "least_outstanding"
+    engine_policy: str = "fcfs"
+    slo_classes: dict[str, SloClass] | None = None
+    workers: list[WorkerSpec] = Field(min_length=1)
+
+    @field_validator("workers")
+    @classmethod
+    def _unique_ids(cls, workers: list[WorkerSpec]) -> list[WorkerSpec]:
+        ids = [w.id for w in workers]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"worker ids must be unique, got {ids}")
+        return workers
+
+
+class ClusterFileError(ValueError):
+    pass
+
+
+def load_cluster(path: str | Path | None = None) -> ClusterSpec:
+    """Read and check a cluster file; ``None`` gives the embedded default. Errors name the file and the field."""
+    if path is None:
+        text, where = resources.files("services.data").joinpath("default_cluster.yaml").read_text(), "default cluster"
+    else:
+        try:
+            text, where = Path(path).read_text(), str(path)
+        except OSError as e:
+            raise ClusterFileError(f"cannot read cluster file {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ClusterFileError(f"{where}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ClusterFileError(f"{where}: expected a mapping with a 'workers' list")
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ClusterFileError(f"{where}: {problems}") from None

@@ -1,0 +1,167 @@
+"""Starts a whole Tandem stack as separate processes on loopback, and stops it cleanly.
+
+Used by ``tandem up``, the demo, the benchmarks and the multi-process tests, so they all exercise the same
+path: each service is ``python -m services.cli serve NAME`` with flags, announces its port with a READY line,
+and is stopped with SIGTERM (graceful drain), then SIGKILL if it does not exit in time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from services.cluster import ClusterSpec, WorkerSpec
+from services.rpc import balancer_pb2, balancer_pb2_grpc
+
+
+class StackError(RuntimeError):
+    pass
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+    address: str = ""
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalStack:
+    cluster: ClusterSpec
+    gateway_port: int = 50051
+    log_dir: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    # ----- addresses ---------------------------------------------------------------------------------
+    @property
+    def gateway_address(self) -> str:
+        return self.processes["gateway"].address
+
+    @property
+    def balancer_address(self) -> str:
+        return self.processes["balancer"].address
+
+    @property
+    def profiler_address(self) -> str:
+        return self.processes["profiler"].address
+
+    def worker_address(self, worker_id: str) -> str:
+        return self.processes[f"worker-{worker_id}"].address
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "LocalStack":
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="tandem-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + timeout
+        try:
+            self._launch("profiler", [], deadline)
+            self._launch("balancer", ["--routing-policy", self.cluster.routing_policy,
+                                      "--profiler-address", self.profiler_address], deadline)
+            for spec in self.cluster.workers:
+                self.start_worker(spec, wait=False)
+            for spec in self.cluster.workers:
+                self.processes[f"worker-{spec.id}"].address = self._ready(f"worker-{spec.id}", deadline)
+            gateway_args = ["--port", str(self.gateway_port), "--balancer-address", self.balancer_address,
+                            "--profiler-address", self.profiler_address]
+            if self.cluster.slo_classes:
+                import json
+                gateway_args += ["--slo-classes", json.dumps({k: v.model_dump() for k, v in self.cluster.slo_classes.items()})]
+            self._launch("gateway", gateway_args, deadline)
+            self.wait_for_workers(len(self.cluster.workers), deadline - time.monotonic())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_worker(self, spec: WorkerSpec, wait: bool = True, timeout: float = 30.0) -> Process:
+        args = ["--worker-id", spec.id, "--port", str(spec.port), "--executor", spec.executor,
+                "--gpu-type", spec.gpu_type, "--model", spec.model, "--engine-policy", self.cluster.engine_policy,
+                "--balancer-address", self.balancer_address, "--profiler-address", self.profiler_address,
+                "--kv-blocks", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
+                "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale)]
+        name = f"worker-{spec.id}"
+        if wait:
+            return self._launch(name, args, time.monotonic() + timeout)
+        return self._spawn(name, args)
+
+    def wait_for_workers(self, count: int, timeout: float = 30.0) -> list[balancer_pb2.WorkerStatus]:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.balancer_address) as channel:
+            stub = balancer_pb2_grpc.BalancerStub(channel)
+            while True:
+                workers = list(stub.ListWorkers(balancer_pb2.ListWorkersRequest(), timeout=5).workers)
+                if len(workers) >= count:
+                    return workers
+                if time.monotonic() > deadline:
+                    raise StackError(f"only {len(workers)} of {count} workers registered in time")
+                time.sleep(0.05)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        process = self.processes[name]
+        process.popen.send_signal(sig)
+        process.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM in reverse start order (gateway first), then SIGKILL whatever is left."""
+        for name in reversed(list(self.processes)):
+            process = self.processes[name].popen
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----- internals ---------------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> Process:
+        assert self.log_dir is not None
+        service = name.split("-", 1)[0]
+        stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.log"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
+            popen = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service, "--host", self.host, *args],
+                                     stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
+        process = self.processes[name] = Process(name, popen, stdout_path, stderr_path)
+        return process
+
+    def _launch(self, name: str, args: list[str], deadline: float) -> Process:
+        process = self._spawn(name, args)
+        process.address = self._ready(name, deadline)
+        return process
+
+    def _ready(self, name: str, deadline: float) -> str:
+        process = self.processes[name]
+        while time.monotonic() < deadline:
+            for line in process.stdout_path.read_text(errors="replace").splitlines():
+                if line.startswith("READY "):
+                    return line.split()[2]
+            if process.popen.poll() is not None:
+                raise StackError(f"{name} exited with code {process.popen.returncode}:\n{process.log_tail()}")
+            time.sleep(0.02)
+        raise StackError(f"{name} did not become ready in time:\n{process.log_tail()}")

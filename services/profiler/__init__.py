@@ -1,0 +1,1 @@
+"""The Profiler: latency profiles per (model, GPU type, executor) and output-length predictions."""

@@ -1,0 +1,75 @@
+"""The DESIGN.md latency model: predicted engine step time for a batch on a (GPU type, model).
+
+Roofline form from datasheets until calibrated::
+
+    step = overhead + max(flops / (peak * mfu), bytes / (mem_bw * mbu))
+
+Used by the sim executor, the simulator and capacity estimates, so it must stay pure and cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+from services.profiler.catalog import GpuSpec, ModelSpec, gpu, model
+
+DEFAULT_MFU = 0.6
+DEFAULT_MBU = 0.75
+DEFAULT_OVERHEAD_S = 0.0005
+GPU_MEMORY_UTILIZATION = 0.9
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """What a step computes: for each scheduled sequence, new tokens and the context it attends to."""
+
+    new_tokens: tuple[int, ...]
+    context_before: tuple[int, ...]   # tokens already in the KV cache for each sequence
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[int, int]]) -> "BatchShape":
+        pairs = list(items)
+        return cls(tuple(n for n, _ in pairs), tuple(c for _, c in pairs))
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    gpu: GpuSpec
+    model: ModelSpec
+    mfu: float = DEFAULT_MFU
+    mbu: float = DEFAULT_MBU
+    overhead_s: float = DEFAULT_OVERHEAD_S
+
+    @classmethod
+    def from_names(cls, gpu_type: str, model_name: str, **kw: float) -> "LatencyModel":
+        return cls(gpu(gpu_type), model(model_name), **kw)
+
+    def step_time(self, shape: BatchShape) -> float:
+        """Seconds for one engine iteration over ``shape``."""
+        m = self.model
+        flops = 0.0
+        kv_read = 0
+        new_total = 0
+        for new, ctx in zip(shape.new_tokens, shape.context_before):
+            new_total += new
+            # each new token attends to ctx earlier tokens plus the causal half of its own chunk
+            attended = new * ctx + new * (new + 1) // 2
+            flops += 4.0 * m.n_layers * m.hidden_size * attended
+            kv_read += ctx
+        flops += 2.0 * m.n_params * new_total
+        bytes_moved = m.weight_bytes + m.kv_bytes_per_token * (kv_read + new_total)
+        compute = flops / (self.gpu.peak_tflops * 1e12 * self.mfu)
+        memory = bytes_moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu)
+        return self.overhead_s + max(compute, memory)
+
+    def prefill_time(self, prompt_tokens: int) -> float:
+        return self.step_time(BatchShape((prompt_tokens,), (0,)))
+
+    def decode_time(self, batch: int, context: int) -> float:
+        return self.step_time(BatchShape((1,) * batch, (context,) * batch))
+
+    def kv_capacity_tokens(self, memory_utilization: float = GPU_MEMORY_UTILIZATION) -> int:
+        """Tokens of KV cache that fit beside the weights."""
+        free = self.gpu.mem_gb * 1e9 * memory_utilization - self.model.weight_bytes
+        return max(0, int(free // self.model.kv_bytes_per_token))

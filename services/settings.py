@@ -1,0 +1,73 @@
+"""Settings of every service: defaults, then ``TANDEM_*`` environment variables, then command-line flags.
+
+Flags are parsed by pydantic-settings from the same models (``--gpu-type A10``), so a setting has one name
+everywhere: ``gpu_type`` in code, ``TANDEM_GPU_TYPE`` in the environment, ``--gpu-type`` on the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.slo import DEFAULT_SLO_CLASSES, SloClass
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TANDEM_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(0, ge=0, le=65535, description="port to listen on; 0 picks a free one")
+    log_level: str = "INFO"
+    drain_grace_s: float = Field(10.0, ge=0, description="on SIGTERM, how long open streams may finish")
+    max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="gRPC receive limit")
+
+
+class ProfilerSettings(ServiceSettings):
+    pass
+
+
+class BalancerSettings(ServiceSettings):
+    routing_policy: str = "least_outstanding"
+    worker_timeout_s: float = Field(1.5, gt=0, description="a worker silent this long leaves rotation")
+    report_interval_s: float = Field(0.2, gt=0, description="how often workers should report load")
+    profiler_address: str = ""
+
+
+class WorkerSettings(ServiceSettings):
+    worker_id: str = ""
+    advertise_address: str = Field("", description="host:port others use to reach this worker")
+    balancer_address: str = ""
+    profiler_address: str = ""
+    executor: Literal["sim", "torch", "vllm"] = "sim"
+    gpu_type: str = "A100-80G"
+    model: str = "llama-2-7b"
+    engine_policy: str = "fcfs"
+    block_size: int = Field(16, gt=0)
+    kv_blocks: int = Field(0, ge=0, description="KV block budget; 0 derives it from device memory")
+    max_num_seqs: int = Field(256, gt=0)
+    max_num_batched_tokens: int = Field(2048, gt=0)
+    time_scale: float = Field(1.0, gt=0, description="sim executor: multiply predicted step times")
+
+
+class GatewaySettings(ServiceSettings):
+    port: int = Field(50051, ge=0, le=65535)
+    balancer_address: str = ""
+    profiler_address: str = ""
+    default_max_tokens: int = Field(256, gt=0)
+    max_prompt_bytes: int = Field(1024 * 1024, gt=0)
+    max_stop_strings: int = Field(8, ge=0)
+    retry_attempts: int = Field(3, ge=1, description="workers tried before the first token")
+    predict_timeout_ms: float = Field(20.0, gt=0, description="bound on the length-prediction look-up")
+    slo_classes: dict[str, SloClass] = Field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
+    api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: open")
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+def load(cls: type[S], argv: Sequence[str] = (), prog: str | None = None) -> S:
+    """Build settings from defaults, the environment and ``argv`` flags."""
+    return cls(_cli_parse_args=list(argv), _cli_kebab_case=True, _cli_prog_name=prog,
+               _cli_implicit_flags=True)

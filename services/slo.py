@@ -1,0 +1,27 @@
+"""SLO classes (DESIGN.md): the defaults, and how a request's class resolves to targets."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class SloClass(BaseModel):
+    ttft_ms: float = Field(0.0, ge=0)
+    tpot_ms: float = Field(0.0, ge=0)
+    e2e_ms: float = Field(0.0, ge=0)
+    sheddable: bool = False
+
+    @model_validator(mode="after")
+    def _has_a_target(self) -> "SloClass":
+        if not (self.e2e_ms or self.ttft_ms):
+            raise ValueError("an SLO class needs e2e_ms or ttft_ms (with tpot_ms)")
+        return self
+
+
+DEFAULT_CLASS = "interactive"
+
+DEFAULT_SLO_CLASSES: dict[str, SloClass] = {
+    "interactive": SloClass(ttft_ms=1000, tpot_ms=100),
+    "code": SloClass(e2e_ms=2000),
+    "batch": SloClass(e2e_ms=60_000, sheddable=True),
+}

@@ -1,0 +1,1 @@
+"""The Worker service and its engine: requests, KV blocks, scheduler, engine policies and executors."""

@@ -1,0 +1,167 @@
+"""The engine loop: one task owns the scheduler; it schedules, executes and delivers, one iteration at a time.
+
+Requests join and leave between iterations. Each request's outputs go to its own ``RequestStream``; a reader
+that falls behind gets everything pending coalesced into one chunk. Cancelling is dropping the stream:
+``abort`` frees the request's blocks at once, even while a step that includes it is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+from workers.clock import Clock
+from workers.executors.base import Executor
+from workers.request import Request, RequestStatus
+from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+from workers.tokenizer import Detokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Chunk:
+    """Everything a request produced since its reader last looked."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    iteration: int
+    start: float
+    step_time: float
+    batch_size: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_preempted: int
+    blocks_used: int
+    num_waiting: int
+
+
+class RequestStream:
+    def __init__(self, request: Request, detokenizer: Detokenizer) -> None:
+        self.request = request
+        self.detokenizer = detokenizer
+        self._pending = Chunk()
+        self._ready = asyncio.Event()
+
+    def push(self, token_ids: tuple[int, ...], text: str, finish_reason: str | None) -> None:
+        self._pending.token_ids.extend(token_ids)
+        self._pending.text += text
+        if finish_reason is not None:
+            self._pending.finished = True
+            self._pending.finish_reason = finish_reason
+        self._ready.set()
+
+    async def next_chunk(self) -> Chunk:
+        await self._ready.wait()
+        chunk, self._pending = self._pending, Chunk()
+        self._ready.clear()
+        return chunk
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock,
+                 on_iteration: Callable[[IterationStats, SchedulerOutput], None] | None = None,
+                 step_time_ema: float = 0.2) -> None:
+        self.scheduler = scheduler
+        self.executor = executor
+        self.clock = clock
+        self.on_iteration = on_iteration
+        self._streams: dict[str, RequestStream] = {}
+        self._wake = asyncio.Event()
+        self._stopped = False
+        self._accepting = True
+        self.iterations = 0
+        self.step_time_ms = 0.0
+        self._ema = step_time_ema
+
+    # ----- requests ----------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> RequestStream:
+        if not self._accepting:
+            raise RuntimeError("engine is draining")
+        self.scheduler.add_request(request)
+        stream = RequestStream(request, Detokenizer(self.executor.tokenizer, request.sampling.stop))
+        self._streams[request.request_id] = stream
+        self._wake.set()
+        return stream
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort_request(request_id)
+        stream = self._streams.pop(request_id, None)
+        self.executor.release(request_id)
+        if stream is not None:
+            stream.push((), "", RequestStatus.FINISHED_ABORTED.finish_reason)
+        return request is not None
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until every request has ended; True when that happened within ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self.scheduler.has_work() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.scheduler.has_work()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        while not self._stopped:
+            if not self.scheduler.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            out = self.scheduler.schedule()
+            if not out.scheduled:
+                # nothing fits this instant (all blocks held by requests being aborted); let others run
+                await asyncio.sleep(0.001)
+                continue
+            start = self.clock.now()
+            try:
+                sampled = await self.executor.execute(out)
+            except Exception:
+                log.exception("executor failed; aborting the batch")
+                for item in out.scheduled:
+                    self.abort(item.request.request_id)
+                continue
+            step = self.clock.now() - start
+            self._deliver(self.scheduler.update(out, sampled))
+            self.iterations += 1
+            ms = step * 1000.0
+            self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
+            if self.on_iteration is not None:
+                self.on_iteration(IterationStats(
+                    self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
+                    out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
+                    self.scheduler.num_waiting), out)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            request = output.request
+            stream = self._streams.get(request.request_id)
+            if stream is None:
+                continue
+            text, stopped = stream.detokenizer.add(request.output_token_ids)
+            reason = output.finish_reason
+            if stopped and not output.finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+                reason = RequestStatus.FINISHED_STOPPED.finish_reason
+            if reason is not None:
+                del self._streams[request.request_id]
+                self.executor.release(request.request_id)
+            stream.push(output.new_token_ids, text, reason)

@@ -1,0 +1,20 @@
+"""What the engine needs from an executor."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from workers.scheduler import SchedulerOutput
+from workers.tokenizer import Tokenizer
+
+
+class Executor(Protocol):
+    name: str
+    tokenizer: Tokenizer
+    max_model_len: int
+
+    async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
+        """Run one step; return the sampled token of every request whose pending tokens this step completes."""
+
+    def release(self, request_id: str) -> None:
+        """Forget per-request state (the engine calls it when a request ends)."""

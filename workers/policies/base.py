@@ -1,0 +1,55 @@
+"""The engine policy interface and its name registry.
+
+A policy supplies the order in which requests get the batch, whether a waiting request may be admitted, and
+which running request loses its blocks when memory runs out. It never sleeps, reads wall time or does I/O:
+the scheduler passes ``now`` from its injected clock. Adding a policy is one small file that subclasses
+``EnginePolicy`` and decorates it with ``@register``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Sequence, TypeVar
+
+from workers.request import Request
+
+
+class EnginePolicy:
+    name: ClassVar[str] = ""
+    #: True when ``key`` never changes while a request waits, so the scheduler can keep queues sorted by
+    #: insertion instead of sorting every iteration.
+    static_key: ClassVar[bool] = True
+
+    def key(self, request: Request, now: float) -> tuple:
+        """Sort key: smaller goes first, both for admission and for the running batch."""
+        return (request.arrival_time,)
+
+    def admit(self, request: Request, now: float) -> bool:
+        """Whether ``request`` may join the batch now (blocks permitting)."""
+        return True
+
+    def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
+        """The running request to evict when blocks run out: by default the one that sorts last."""
+        return max(candidates, key=lambda r: self.key(r, now))
+
+
+P = TypeVar("P", bound=type[EnginePolicy])
+_REGISTRY: dict[str, type[EnginePolicy]] = {}
+
+
+def register(cls: P) -> P:
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"engine policy needs a unique name, got {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def policy_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_policy(name: str, **options: object) -> EnginePolicy:
+    try:
+        cls: Callable[..., EnginePolicy] = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown engine policy {name!r}; known: {', '.join(policy_names())}") from None
+    return cls(**options)

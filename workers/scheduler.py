@@ -1,0 +1,249 @@
+"""Iteration-level scheduler: builds each step's batch under a token budget and the KV blocks free.
+
+Shape follows vLLM v1: every request has ``num_computed_tokens``; each step gives a request some new tokens
+(one for a decode, a chunk for a prefill), so prefill and decode share one budget. Running requests go first
+(in policy order), then waiting ones are admitted while blocks (above the watermark) and budget last. When a
+running request cannot grow, the policy names a victim to preempt by recompute: its blocks are freed at once
+and it waits again from zero computed tokens.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from workers.block_manager import BlockManager
+from workers.clock import Clock
+from workers.policies.base import EnginePolicy
+from workers.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0 or self.max_model_len <= 0:
+            raise ValueError("scheduler limits must be positive")
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    context_before: int      # tokens already in the KV cache before this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step completes the request's pending tokens, so the executor samples a token."""
+        return self.context_before + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_new_tokens == 1 and self.request.num_output_tokens > 0 and self.samples
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.scheduled if s.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request: Request
+    new_token_ids: tuple[int, ...]
+    finished: bool
+    finish_reason: str | None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, policy: EnginePolicy,
+                 clock: Clock) -> None:
+        self.config = config
+        self.blocks = block_manager
+        self.policy = policy
+        self.clock = clock
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._by_id: dict[str, Request] = {}
+        self.num_finished = 0
+        self.num_aborted = 0
+
+    # ----- queue state -------------------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Request | None:
+        return self._by_id.get(request_id)
+
+    def pending_prefill_tokens(self) -> int:
+        return sum(r.num_pending_tokens for r in self.waiting) + sum(
+            r.num_pending_tokens for r in self.running if r.num_pending_tokens > 1)
+
+    def decode_context_tokens(self) -> int:
+        return sum(r.num_tokens for r in self.running)
+
+    # ----- entry and exit ----------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._by_id:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens >= self.config.max_model_len:
+            raise ValueError(f"prompt of {request.num_prompt_tokens} tokens does not fit the context window "
+                             f"of {self.config.max_model_len}")
+        request.status = RequestStatus.WAITING
+        self._by_id[request.request_id] = request
+        self._enqueue_waiting(request)
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks at once."""
+        request = self._by_id.get(request_id)
+        if request is None or request.is_finished:
+            return None
+        self._finish(request, RequestStatus.FINISHED_ABORTED)
+        return request
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """End a request for a reason found outside the scheduler (a stop string)."""
+        request = self._by_id.get(request_id)
+        if request is not None and not request.is_finished:
+            self._finish(request, status)
+
+    # ----- one iteration -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        now = self.clock.now()
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        if not self.policy.static_key:
+            self.running.sort(key=lambda r: self.policy.key(r, now))
+            self.waiting.sort(key=lambda r: self.policy.key(r, now))
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_pending_tokens, budget)
+            while not self.blocks.can_allocate(request, num_new):
+                victim = self.policy.preemption_victim(self.running[i:], now)
+                self._preempt(victim, now)
+                out.preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                self._schedule(request, num_new, out)
+                budget -= num_new
+                i += 1
+
+        if not out.preempted:
+            admitted: list[Request] = []
+            for request in self.waiting:
+                if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
+                    break
+                if not self.policy.admit(request, now):
+                    continue
+                num_new = min(request.num_pending_tokens, budget)
+                if not self.blocks.can_allocate(request, num_new, admission=True):
+                    break
+                request.status = RequestStatus.RUNNING
+                if request.first_scheduled_time is None:
+                    request.first_scheduled_time = now
+                self._schedule(request, num_new, out)
+                budget -= num_new
+                admitted.append(request)
+            if admitted:
+                gone = set(map(id, admitted))
+                self.waiting = [r for r in self.waiting if id(r) not in gone]
+                for request in admitted:
+                    self._insert_sorted(self.running, request, now)
+        return out
+
+    def update(self, out: SchedulerOutput, sampled: Mapping[str, int]) -> list[RequestOutput]:
+        """Apply a step's results: advance counters, append sampled tokens, finish what must stop."""
+        now = self.clock.now()
+        results: list[RequestOutput] = []
+        for item in out.scheduled:
+            request = item.request
+            if request.is_finished or request.status is not RequestStatus.RUNNING:
+                continue          # aborted or preempted while the step ran; its blocks are already free
+            request.num_computed_tokens = item.context_before + item.num_new_tokens
+            if not item.samples:
+                continue          # a prefill chunk that is not the last
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            status = self._stop_status(request, token)
+            if status is not None:
+                self._finish(request, status, now)
+            results.append(RequestOutput(request, (token,), request.is_finished, request.status.finish_reason))
+        return results
+
+    # ----- internals ---------------------------------------------------------------------------------
+    def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
+        context_before = request.num_computed_tokens
+        self.blocks.allocate(request, num_new)
+        out.scheduled.append(ScheduledRequest(request, num_new, context_before))
+
+    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
+        sp = request.sampling
+        if not sp.ignore_eos and request.eos_token_id is not None and token == request.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if token in sp.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= sp.max_tokens or request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _preempt(self, request: Request, now: float) -> None:
+        self.running.remove(request)
+        self.blocks.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.preemption_times.append(now)
+        self._enqueue_waiting(request)
+
+    def _finish(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.blocks.free(request)
+        request.status = status
+        request.finished_time = self.clock.now() if now is None else now
+        del self._by_id[request.request_id]
+        if status is RequestStatus.FINISHED_ABORTED:
+            self.num_aborted += 1
+        else:
+            self.num_finished += 1
+
+    def _enqueue_waiting(self, request: Request) -> None:
+        self._insert_sorted(self.waiting, request, self.clock.now())
+
+    def _insert_sorted(self, queue: list[Request], request: Request, now: float) -> None:
+        key = self.policy.key
+        bisect.insort_right(queue, request, key=lambda r: key(r, now))

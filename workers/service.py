@@ -1,0 +1,280 @@
+"""The Worker service: runs one engine, streams each request's tokens, registers and reports to the balancer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Sequence
+
+import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext
+from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
+
+from services import rpc
+from services import settings as settings_mod
+from services.rpc import balancer_pb2, balancer_pb2_grpc, common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2
+from services.rpc import worker_pb2_grpc
+from services.server import ServiceHost, run_service
+from services.telemetry import Telemetry
+from services.validation import Invalid, check_lengths, check_sampling
+from workers.build import LatencyOverrides, build_engine
+from workers.clock import RealClock
+from workers.engine import Engine, IterationStats
+from workers.request import Request, SamplingParams, SloTarget
+from workers.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+class WallTime:
+    """Maps the engine's monotonic times to epoch nanoseconds for span timestamps."""
+
+    def __init__(self, clock: RealClock) -> None:
+        self.clock = clock
+        self.wall0 = time.time_ns()
+        self.mono0 = clock.now()
+
+    def ns(self, t: float) -> int:
+        return self.wall0 + int((t - self.mono0) * 1e9)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, cfg: settings_mod.WorkerSettings, engine: Engine, clock: RealClock,
+                 telemetry: Telemetry) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.clock = clock
+        self.telemetry = telemetry
+        self.tracer = telemetry.tracer
+        self.wall = WallTime(clock)
+        self._span_contexts: dict[str, SpanContext] = {}
+        if telemetry.exporting:
+            engine.on_iteration = self._trace_iteration
+
+    # ----- RPCs --------------------------------------------------------------------------------------
+    async def Generate(self, request: worker_pb2.WorkerGenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        arrival = self.clock.now()
+        try:
+            engine_request = self._to_engine_request(request, arrival)
+        except Invalid as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = engine_request.request_id
+        with self.telemetry.server_span("worker.generate", context.invocation_metadata()) as span:
+            span.set_attributes({"tandem.request_id": rid, "tandem.worker_id": self.cfg.worker_id,
+                                 "tandem.gpu_type": self.cfg.gpu_type, "tandem.slo_class": request.slo.slo_class,
+                                 "tandem.prompt_tokens": engine_request.num_prompt_tokens})
+            try:
+                stream = self.engine.add_request(engine_request)
+            except RuntimeError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.cfg.worker_id}: {e}")
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
+            self._span_contexts[rid] = span.get_span_context()
+            done = False
+            try:
+                while not done:
+                    chunk = await stream.next_chunk()
+                    reply = worker_pb2.WorkerGenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+                    if chunk.finished:
+                        done = True
+                        reply.finish_reason = chunk.finish_reason or "abort"
+                        reply.metrics.CopyFrom(self._metrics(engine_request))
+                    await context.write(reply)
+            finally:
+                if not done:
+                    self.engine.abort(rid)      # the client went away: free the blocks now
+                self._span_contexts.pop(rid, None)
+                self._record_phases(span, engine_request)
+
+    async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+                       ) -> worker_pb2.WorkerStats:
+        s = self.engine.scheduler
+        return worker_pb2.WorkerStats(
+            worker_id=self.cfg.worker_id, gpu_type=self.cfg.gpu_type, model=self.cfg.model,
+            executor=self.cfg.executor, running=s.num_running, waiting=s.num_waiting,
+            kv_blocks_total=s.blocks.num_blocks, kv_blocks_used=s.blocks.num_used_blocks,
+            block_size=s.blocks.block_size, iterations=self.engine.iterations,
+            step_time_ms=self.engine.step_time_ms, finished=s.num_finished, aborted=s.num_aborted,
+            max_model_len=s.config.max_model_len, engine_policy=self.cfg.engine_policy)
+
+    async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
+                    ) -> worker_pb2.AbortResponse:
+        return worker_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    # ----- helpers -----------------------------------------------------------------------------------
+    def _to_engine_request(self, request: worker_pb2.WorkerGenerateRequest, arrival: float) -> Request:
+        sp = request.sampling
+        check_sampling(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                       stop=list(sp.stop))
+        if not request.prompt.strip():
+            raise Invalid("prompt", "must not be empty")
+        tokenizer = self.engine.executor.tokenizer
+        prompt_ids = tokenizer.encode(request.prompt)
+        blocks = self.engine.scheduler.blocks
+        check_lengths(len(prompt_ids), sp.max_tokens, self.engine.scheduler.config.max_model_len)
+        need = -(-(len(prompt_ids) + sp.max_tokens) // blocks.block_size)
+        if need > blocks.num_blocks:
+            raise Invalid("prompt", f"with max_tokens needs {need} KV blocks; this worker has {blocks.num_blocks}")
+        slo = request.slo
+        lengths = list(request.predicted_length.lengths)
+        return Request(
+            request_id=request.request_id or uuid.uuid4().hex,
+            prompt_token_ids=prompt_ids,
+            sampling=SamplingParams(max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p or 1.0,
+                                    top_k=sp.top_k, seed=sp.seed if sp.HasField("seed") else None,
+                                    stop=tuple(sp.stop), ignore_eos=sp.ignore_eos),
+            arrival_time=arrival, priority=request.priority, tenant=request.tenant,
+            slo=SloTarget(slo.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
+            eos_token_id=tokenizer.eos_token_id,
+            predicted_output_len=lengths[len(lengths) // 2] if lengths else None)
+
+    def _metrics(self, r: Request) -> common_pb2.RequestMetrics:
+        end = r.finished_time or self.clock.now()
+        queue = (r.first_scheduled_time - r.arrival_time) if r.first_scheduled_time is not None else end - r.arrival_time
+        ttft = (r.first_token_time - r.arrival_time) if r.first_token_time is not None else 0.0
+        n = r.num_output_tokens
+        tpot = (end - r.first_token_time) / (n - 1) if n > 1 and r.first_token_time is not None else 0.0
+        return common_pb2.RequestMetrics(
+            prompt_tokens=r.num_prompt_tokens, completion_tokens=n, queue_ms=queue * 1000, ttft_ms=ttft * 1000,
+            tpot_ms=tpot * 1000, e2e_ms=(end - r.arrival_time) * 1000, worker_id=self.cfg.worker_id,
+            preemptions=r.num_preemptions)
+
+    def _record_phases(self, span: trace.Span, r: Request) -> None:
+        """The request's queued, prefill and decode phases as child spans with their real times."""
+        end = r.finished_time or self.clock.now()
+        phases = [("worker.queued", r.arrival_time, r.first_scheduled_time or end),
+                  ("worker.prefill", r.first_scheduled_time, r.first_token_time or end),
+                  ("worker.decode", r.first_token_time, end)]
+        parent = trace.set_span_in_context(span)
+        for name, start, stop in phases:
+            if start is None:
+                continue
+            child = self.tracer.start_span(name, context=parent, start_time=self.wall.ns(start))
+            child.end(end_time=self.wall.ns(max(start, stop)))
+        for t in r.preemption_times:
+            span.add_event("preempted", timestamp=self.wall.ns(t))
+        span.set_attributes({"tandem.completion_tokens": r.num_output_tokens, "tandem.preemptions": r.num_preemptions,
+                             "tandem.finish_reason": r.status.finish_reason or "abort"})
+        if r.first_token_time is not None:
+            span.set_attribute("tandem.ttft_ms", (r.first_token_time - r.arrival_time) * 1000)
+
+    def _trace_iteration(self, stats: IterationStats, out: SchedulerOutput) -> None:
+        """One span per engine step, linked to the requests it ran."""
+        links = [Link(ctx) for s in out.scheduled if (ctx := self._span_contexts.get(s.request.request_id))]
+        span = self.tracer.start_span("engine.step", context=trace.set_span_in_context(trace.INVALID_SPAN),
+                                      links=links, start_time=self.wall.ns(stats.start))
+        span.set_attributes({"tandem.batch_size": stats.batch_size, "tandem.prefill_tokens": stats.num_prefill_tokens,
+                             "tandem.decode_tokens": stats.num_decode_tokens, "tandem.preempted": stats.num_preempted,
+                             "tandem.blocks_used": stats.blocks_used})
+        span.end(end_time=self.wall.ns(stats.start + stats.step_time))
+
+
+class BalancerLink:
+    """Registers the worker and streams load reports; re-registers after a balancer restart."""
+
+    def __init__(self, cfg: settings_mod.WorkerSettings, engine: Engine, info: balancer_pb2.WorkerInfo) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.info = info
+        self._task: asyncio.Task | None = None
+        self._channel = rpc.channel(cfg.balancer_address)
+        self._stub = balancer_pb2_grpc.BalancerStub(self._channel)
+
+    def load_report(self) -> balancer_pb2.LoadReport:
+        s = self.engine.scheduler
+        return balancer_pb2.LoadReport(
+            worker_id=self.info.worker_id, running=s.num_running, waiting=s.num_waiting,
+            kv_blocks_used=s.blocks.num_used_blocks, kv_blocks_free=s.blocks.num_free_blocks,
+            step_time_ms=self.engine.step_time_ms, pending_prefill_tokens=s.pending_prefill_tokens(),
+            decode_context_tokens=s.decode_context_tokens(), iterations=self.engine.iterations,
+            draining=not self.engine.accepting)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        retrying = AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=1.0),
+                                 retry=retry_if_exception_type(grpc.aio.AioRpcError))
+        async for attempt in retrying:
+            with attempt:
+                reply = await self._stub.Register(balancer_pb2.RegisterWorkerRequest(worker=self.info), timeout=2)
+                log.info("registered with balancer", extra={"fields": {"balancer": self.cfg.balancer_address}})
+                await self._stub.ReportLoad(self._reports(reply.report_interval_s or 0.2))
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None, "load stream closed")
+
+    async def _reports(self, interval: float) -> AsyncIterator[balancer_pb2.LoadReport]:
+        while True:
+            yield self.load_report()
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        """Stop reporting and leave rotation (the balancer also drops a worker whose stream ends)."""
+        if self._task is not None:
+            self._task.cancel()
+        try:
+            await self._stub.Deregister(balancer_pb2.DeregisterWorkerRequest(worker_id=self.info.worker_id),
+                                        timeout=1)
+        except grpc.aio.AioRpcError as e:
+            log.warning("deregister failed", extra={"fields": {"code": e.code().name}})
+        await self._channel.close()
+
+
+async def fetch_profile(cfg: settings_mod.WorkerSettings) -> LatencyOverrides | None:
+    """The Profiler's coefficients for this worker, or None (datasheet defaults) when it has none."""
+    if not cfg.profiler_address:
+        return None
+    async with rpc.channel(cfg.profiler_address) as channel:
+        stub = profiler_pb2_grpc.ProfilerStub(channel)
+        async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=0.5),
+                                           retry=retry_if_exception_type(grpc.aio.AioRpcError), reraise=True,
+                                           stop=lambda state: state.attempt_number >= 10):
+            with attempt:
+                try:
+                    p = await stub.GetProfile(profiler_pb2.GetProfileRequest(
+                        model=cfg.model, gpu_type=cfg.gpu_type, executor=cfg.executor), timeout=2)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        return None
+                    raise
+    return LatencyOverrides(mfu=p.mfu, mbu=p.mbu, overhead_s=p.overhead_ms / 1000)
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    cfg = settings_mod.load(settings_mod.WorkerSettings, argv, prog="tandem serve worker")
+    run_service(lambda: build_worker(cfg))
+
+
+async def build_worker(cfg: settings_mod.WorkerSettings) -> ServiceHost:
+    host = ServiceHost("worker", cfg)
+    host.bind()
+    cfg.worker_id = cfg.worker_id or f"{cfg.gpu_type.lower()}-{host.port}"
+    clock = RealClock()
+    engine = build_engine(cfg, clock, await fetch_profile(cfg))
+    host.add_service(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(cfg, engine, clock, host.telemetry),
+                     worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)
+    link = BalancerLink(cfg, engine, balancer_pb2.WorkerInfo(
+        worker_id=cfg.worker_id, address=cfg.advertise_address or host.address, model=cfg.model,
+        gpu_type=cfg.gpu_type, executor=cfg.executor, max_model_len=engine.scheduler.config.max_model_len,
+        kv_blocks_total=engine.scheduler.blocks.num_blocks, block_size=cfg.block_size,
+        engine_policy=cfg.engine_policy)) if cfg.balancer_address else None
+    tasks: list[asyncio.Task] = []
+
+    async def start() -> None:
+        tasks.append(asyncio.create_task(engine.run()))
+        if link is not None:
+            link.start()
+
+    async def drain() -> None:
+        engine.stop_accepting()
+        if link is not None:
+            await link.close()
+        finished = await engine.wait_idle(cfg.drain_grace_s)
+        log.info("drained", extra={"fields": {"clean": finished}})
+        engine.stop()
+
+    host.on_start(start)
+    host.on_drain(drain)
+    return host
