@@ -67,7 +67,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.cfg = cfg
         self.telemetry = host.telemetry
         self.tracer = host.telemetry.tracer
-        self._balancer_channel = rpc.channel(cfg.balancer_address, self.telemetry)
+        self._balancer_channel = rpc.channel(cfg.balancer_address)
         self.balancer = balancer_pb2_grpc.BalancerStub(self._balancer_channel)
         self.profiler = (profiler_pb2_grpc.ProfilerStub(rpc.channel(cfg.profiler_address))
                          if cfg.profiler_address else None)
@@ -166,13 +166,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        relay: Relay, context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         try:
-            choice = await self.balancer.Route(route, timeout=min(remaining or 5.0, 5.0))
+            choice = await self.balancer.Route(route, timeout=min(remaining or 5.0, 5.0),
+                                               metadata=self.telemetry.outgoing_metadata())
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and route.exclude_workers:
                 raise WorkerFailedEarly("balancer", e) from None
             await context.abort(e.code(), f"balancer: {e.details()}")
         relay.worker_id = choice.worker_id
-        call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining())
+        call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining(),
+                                                     metadata=self.telemetry.outgoing_metadata())
         try:
             async for chunk in call:
                 now = time.perf_counter()
@@ -189,6 +191,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 await context.write(reply)
         except grpc.aio.AioRpcError as e:
             if relay.tokens_sent == 0 and e.code() in RETRYABLE:
+                log.warning("worker failed before the first token; trying another",
+                            extra={"fields": {"worker_id": choice.worker_id, "request_id": worker_request.request_id,
+                                              "code": e.code().name}})
                 route.exclude_workers.append(choice.worker_id)
                 raise WorkerFailedEarly(choice.worker_id, e) from None
             if relay.tokens_sent == 0:
@@ -205,7 +210,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._workers.get(address)
         if stub is None:
-            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address, self.telemetry))
+            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address))
         return stub
 
     def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics) -> None:

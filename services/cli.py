@@ -15,7 +15,8 @@ from rich.table import Table
 
 app = typer.Typer(help="Tandem: SLO-aware LLM serving on heterogeneous GPU clusters.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-console = Console(stderr=True)
+# rich falls back to 80 columns off a terminal, which crushes the result tables in logs and CI
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 SERVICES = ("gateway", "balancer", "worker", "profiler")
 
 
@@ -164,7 +165,64 @@ def status(address: str = typer.Option("127.0.0.1:50051", help="gateway address"
         table.add_row(i.worker_id, i.address, i.gpu_type, i.model, i.executor, str(load.running), str(load.waiting),
                       str(w.outstanding), f"{load.kv_blocks_used}/{i.kv_blocks_total}", f"{load.step_time_ms:.1f}",
                       f"{w.last_report_age_s:.2f}", w.state)
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def health(address: str = typer.Argument(..., help="host:port of any Tandem service"),
+           service: str = typer.Option("", help="a service name; empty asks about the whole server")) -> None:
+    """Exit 0 when the service answers SERVING to the standard gRPC health check (for compose and probes)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=3)
+    except grpc.RpcError as e:
+        console.print(f"[red]{address}: {e.code().name}[/red]")
+        raise typer.Exit(1) from None
+    status_name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(status_name)
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@app.command()
+def demo(cluster: Optional[Path] = typer.Option(None, help="cluster file; default: three sim workers"),
+         trace: str = typer.Option("conv", help="Azure trace: conv or code"),
+         trace_file: Optional[Path] = typer.Option(None, help="a trace CSV of your own (Azure format)"),
+         start: float = typer.Option(0.0, help="window start, seconds into the trace"),
+         duration: float = typer.Option(30.0, help="window length in seconds"),
+         rate_scale: float = typer.Option(1.0, help="speed the arrivals up (>1) or down (<1)"),
+         policy: Optional[str] = typer.Option(None, help="ROUTE/ENGINE policies"),
+         out: Path = typer.Option(Path(".tandem/demo-results.json"), help="where the JSON results go")) -> None:
+    """Start a local stack, replay a slice of a real trace through it, print the result table."""
+    from bench.demo import run_demo
+    from bench.traces import TraceError
+
+    stack = _stack(cluster, 0, policy, None)
+    try:
+        run_demo(stack.cluster, trace=trace, trace_path=trace_file, start_s=start, duration_s=duration,
+                 rate_scale=rate_scale, out=out, console=console)
+    except TraceError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+bench_app = typer.Typer(help="Benchmarks: each prints a table and writes JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("stream")
+def bench_stream(gpu_type: str = typer.Option("A100-80G", help="the sim worker's GPU type"),
+                 time_scale: float = typer.Option(1.0, help="scale its step times (<1: a faster GPU)"),
+                 repeats: int = typer.Option(2, min=1), requests_per_stream: int = typer.Option(4, min=1),
+                 max_tokens: int = typer.Option(128, min=1),
+                 out: Path = typer.Option(Path("bench/results/stream.json"))) -> None:
+    """Tokens/s and added TTFT through the gateway vs straight from a worker, at 1 and 64 streams."""
+    from bench.stream import run
+
+    run(gpu_type=gpu_type, time_scale=time_scale, repeats=repeats, requests_per_stream=requests_per_stream,
+        max_tokens=max_tokens, out=out, console=console)
 
 
 def main() -> None:

@@ -28,9 +28,12 @@ class WorkerSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known_names(self) -> "WorkerSpec":
-        gpu(self.gpu_type)
-        if self.executor == "sim":
-            model(self.model)
+        try:
+            gpu(self.gpu_type)
+            if self.executor == "sim":
+                model(self.model)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
         return self
 
 

@@ -1,8 +1,9 @@
 """OpenTelemetry set-up: a tracer provider per process, exporting over OTLP only when configured.
 
 Nothing is exported unless a standard ``OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`` is set, because an exporter
-with no listener blocks for seconds on flush. The provider is passed explicitly (no global state), including
-to the gRPC interceptors that carry W3C ``traceparent`` across every call.
+with no listener blocks for seconds on flush. The provider is passed explicitly (no global state). W3C
+``traceparent`` crosses every call: servers continue it through the library's interceptor (or ``server_span``),
+and the gateway injects it into the calls it makes.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from contextlib import AbstractContextManager
 from typing import Sequence
 
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor, filters
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -28,7 +29,6 @@ def exporting_configured(env: dict[str, str] | None = None) -> bool:
 
 # Trace every call but health checks and reflection.
 _UNTRACED = (filters.service_prefix("grpc.health"), filters.service_prefix("grpc.reflection"))
-_TRACED = filters.negate(filters.any_of(*_UNTRACED))
 # The library's server interceptor expects streaming handlers to be async generators; ours send with
 # context.write() (faster here), so those handlers open their server span themselves with ``server_span``.
 def _is_generate(details: object) -> bool:
@@ -53,8 +53,16 @@ class Telemetry:
     def server_interceptor(self) -> object:
         return aio_server_interceptor(tracer_provider=self.provider, filter_=_TRACED_BY_INTERCEPTOR)
 
-    def client_interceptors(self) -> list[object]:
-        return aio_client_interceptors(tracer_provider=self.provider, filter_=_TRACED)
+    @staticmethod
+    def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+        """The current trace context as gRPC metadata for an outgoing call.
+
+        Injected by hand rather than by the library's client interceptor, which wraps every call in extra
+        tasks: about 0.1 ms a call, on the gateway's time-to-first-token path.
+        """
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return tuple(carrier.items())
 
     def server_span(self, name: str, metadata: Sequence[tuple[str, str | bytes]] | None
                     ) -> AbstractContextManager[Span]:

@@ -32,18 +32,20 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ScheduledRequest:
+    """One request's share of a step, fixed when scheduled (the request itself changes on update)."""
+
     request: Request
     num_new_tokens: int
     context_before: int      # tokens already in the KV cache before this step
+    samples: bool            # this step completes the pending tokens, so the executor samples a token
+    is_decode: bool          # one new token after at least one output token
 
-    @property
-    def samples(self) -> bool:
-        """Whether this step completes the request's pending tokens, so the executor samples a token."""
-        return self.context_before + self.num_new_tokens == self.request.num_tokens
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_new_tokens == 1 and self.request.num_output_tokens > 0 and self.samples
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
+        before = request.num_computed_tokens
+        samples = before + num_new_tokens == request.num_tokens
+        return cls(request, num_new_tokens, before, samples,
+                   num_new_tokens == 1 and request.num_output_tokens > 0 and samples)
 
 
 @dataclass
@@ -204,9 +206,8 @@ class Scheduler:
 
     # ----- internals ---------------------------------------------------------------------------------
     def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
-        context_before = request.num_computed_tokens
         self.blocks.allocate(request, num_new)
-        out.scheduled.append(ScheduledRequest(request, num_new, context_before))
+        out.scheduled.append(ScheduledRequest.of(request, num_new))
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         sp = request.sampling

@@ -1,0 +1,1 @@
+"""Measurement: trace loaders, the replay client, metric definitions, benchmarks and reports."""

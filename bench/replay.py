@@ -1,0 +1,82 @@
+"""Open-loop replay of a trace against a gateway: arrivals never wait for completions.
+
+Prompts are made of as many words as the trace has input tokens, which the sim tokenizer counts exactly;
+each request asks for exactly its trace output length (``ignore_eos``). Timings are taken on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import grpc
+
+from bench.metrics import RequestRecord
+from bench.traces import TraceRequest
+from services.rpc import gateway_pb2, gateway_pb2_grpc
+from services.slo import DEFAULT_SLO_CLASSES, SloClass
+
+
+@dataclass(frozen=True)
+class ReplayItem:
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    slo_class: str = "interactive"
+
+
+def fit_to_window(items: Sequence[TraceRequest], max_model_len: int, slo_class: str, rate_scale: float = 1.0
+                  ) -> list[ReplayItem]:
+    """Clip lengths so prompt + output fit the model's window (keeping at least one token of each)."""
+    out = []
+    for t in items:
+        n_out = max(1, min(t.output_tokens, max_model_len // 4))
+        n_in = max(1, min(t.input_tokens, max_model_len - n_out - 1))
+        out.append(ReplayItem(t.arrival_s / rate_scale, n_in, n_out, slo_class))
+    return out
+
+
+def prompt_of(n_tokens: int) -> str:
+    return " ".join(["tok"] * n_tokens)
+
+
+async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict[str, SloClass] | None = None,
+                 timeout_s: float = 300.0, on_done: Callable[[RequestRecord], None] | None = None
+                 ) -> tuple[list[RequestRecord], float]:
+    """Send every item at its arrival time; return the records and the run's duration in seconds."""
+    classes = slo_classes or DEFAULT_SLO_CLASSES
+    records: list[RequestRecord] = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        start = time.perf_counter()
+
+        async def one(item: ReplayItem) -> None:
+            delay = start + item.arrival_s - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
+            request = gateway_pb2.GenerateRequest(prompt=prompt_of(item.input_tokens), max_tokens=item.output_tokens,
+                                                  slo_class=item.slo_class, request_id=record.request_id,
+                                                  ignore_eos=True, temperature=0.0)
+            try:
+                async for reply in stub.Generate(request, timeout=timeout_s):
+                    now = time.perf_counter()
+                    record.token_times.extend([now] * len(reply.token_ids))
+                    if reply.finish_reason:
+                        record.finish_reason = reply.finish_reason
+                        m = reply.metrics
+                        record.prompt_tokens, record.worker_id = m.prompt_tokens, m.worker_id
+                        record.preemptions, record.queue_ms = m.preemptions, m.queue_ms
+                record.ok = record.finish_reason in ("stop", "length")
+            except grpc.aio.AioRpcError as e:
+                record.error = f"{e.code().name}: {e.details()}"
+            records.append(record)
+            if on_done is not None:
+                on_done(record)
+
+        await asyncio.gather(*(one(item) for item in items))
+        duration = time.perf_counter() - start
+    return records, duration
