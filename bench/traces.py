@@ -6,10 +6,12 @@ Errors name the file and the line, since a user's own trace is the likeliest inp
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+# ../shared/traces beside the checkout, unless TANDEM_TRACES_DIR says otherwise
 SHARED_TRACES = Path(__file__).resolve().parent.parent.parent / "shared" / "traces"
 AZURE_FILES = {"conv": "azure2023_AzureLLMInferenceTrace_conv.csv", "code": "azure2023_AzureLLMInferenceTrace_code.csv"}
 
@@ -28,7 +30,7 @@ class TraceRequest:
 def default_trace_path(name: str) -> Path:
     if name not in AZURE_FILES:
         raise TraceError(f"unknown trace {name!r}; known: {', '.join(AZURE_FILES)}")
-    return SHARED_TRACES / AZURE_FILES[name]
+    return Path(os.environ.get("TANDEM_TRACES_DIR") or SHARED_TRACES) / AZURE_FILES[name]
 
 
 def _parse_time(text: str) -> float:
