@@ -38,6 +38,8 @@ class WorkerState:
     outstanding: int = 0                  # routed by gateways, not yet released
     last_seen: float = 0.0
     generation: int = 0                   # bumps on every (re-)registration
+    capacity_tok_s: float = 0.0           # from the Profiler's latency profile; 0 until known
+    profile_source: str = ""
     extra: dict[str, float] = field(default_factory=dict)
 
 

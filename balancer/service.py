@@ -12,6 +12,7 @@ import grpc
 from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
 from balancer.routing import RouteContext, make_policy
 from services import settings as settings_mod
+from services.profiler import profiles
 from services.rpc import balancer_pb2, balancer_pb2_grpc
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
@@ -24,7 +25,8 @@ def worker_status(state: WorkerState, now: float) -> balancer_pb2.WorkerStatus:
     load = balancer_pb2.LoadReport(worker_id=state.worker_id, **{k: getattr(state, k) for k in LOAD_FIELDS})
     return balancer_pb2.WorkerStatus(info=info, load=load, outstanding=state.outstanding,
                                      last_report_age_s=max(0.0, now - state.last_seen),
-                                     state="draining" if state.draining else "serving")
+                                     state="draining" if state.draining else "serving",
+                                     capacity_tok_s=state.capacity_tok_s, profile_source=state.profile_source)
 
 
 class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
@@ -33,6 +35,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         self.tracer = telemetry.tracer
         self.registry = Registry(time.monotonic, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy)
+        self._background: set[asyncio.Task] = set()
 
     async def reap(self) -> None:
         """Take silent workers out of rotation; runs for the life of the service."""
@@ -45,8 +48,23 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         w = request.worker
         if not w.worker_id or not w.address:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "worker.worker_id and worker.address are required")
-        self.registry.register(w.worker_id, **{k: getattr(w, k) for k in INFO_FIELDS})
+        state = self.registry.register(w.worker_id, **{k: getattr(w, k) for k in INFO_FIELDS})
+        if self.cfg.profiler_address:
+            task = asyncio.create_task(self._learn_capacity(state))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return balancer_pb2.RegisterWorkerResponse(report_interval_s=self.cfg.report_interval_s)
+
+    async def _learn_capacity(self, state: WorkerState) -> None:
+        """Ask the Profiler how fast this worker is; off the registration path, best effort."""
+        try:
+            profile = await profiles.fetch(self.cfg.profiler_address, state.model, state.gpu_type, state.executor)
+        except grpc.aio.AioRpcError as e:
+            log.warning("no profile for worker", extra={"fields": {"worker_id": state.worker_id, "code": e.code().name}})
+            return
+        if profile is not None:
+            state.capacity_tok_s = profiles.latency_model(profile).saturated_decode_tok_s()
+            state.profile_source = profile.source
 
     async def ReportLoad(self, request_iterator: AsyncIterator[balancer_pb2.LoadReport],
                          context: grpc.aio.ServicerContext) -> balancer_pb2.ReportLoadAck:

@@ -157,14 +157,15 @@ def status(address: str = typer.Option("127.0.0.1:50051", help="gateway address"
         console.print(f"[red]{e.code().name}: {e.details()}[/red]")
         raise typer.Exit(1) from None
     table = Table(title=f"{len(reply.workers)} workers, routing: {reply.routing_policy}")
-    for col in ("worker", "address", "GPU", "model", "executor", "running", "waiting", "in flight", "KV used",
-                "step ms", "report age s", "state"):
+    for col in ("worker", "address", "GPU", "model", "executor", "capacity tok/s", "running", "waiting",
+                "in flight", "KV used", "step ms", "report age s", "state"):
         table.add_column(col)
     for w in reply.workers:
         i, load = w.info, w.load
-        table.add_row(i.worker_id, i.address, i.gpu_type, i.model, i.executor, str(load.running), str(load.waiting),
-                      str(w.outstanding), f"{load.kv_blocks_used}/{i.kv_blocks_total}", f"{load.step_time_ms:.1f}",
-                      f"{w.last_report_age_s:.2f}", w.state)
+        capacity = f"{w.capacity_tok_s:,.0f} ({w.profile_source})" if w.capacity_tok_s else "unknown"
+        table.add_row(i.worker_id, i.address, i.gpu_type, i.model, i.executor, capacity, str(load.running),
+                      str(load.waiting), str(w.outstanding), f"{load.kv_blocks_used}/{i.kv_blocks_total}",
+                      f"{load.step_time_ms:.1f}", f"{w.last_report_age_s:.2f}", w.state)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 

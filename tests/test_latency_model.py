@@ -36,3 +36,11 @@ def test_kv_capacity_leaves_room_for_weights():
     # 24 GB * 0.9 - 13.5 GB of weights, at 0.5 MiB per token
     assert 14_000 < a10.kv_capacity_tokens() < 17_000
     assert LatencyModel.from_names("T4", "llama-2-13b").kv_capacity_tokens() == 0
+
+
+def test_saturated_capacity_ranks_gpus_and_is_bounded_by_kv():
+    cap = {g: LatencyModel.from_names(g, "llama-2-7b").saturated_decode_tok_s() for g in ("A100-80G", "L40S", "A10")}
+    assert cap["A100-80G"] > cap["L40S"] > cap["A10"] > 0
+    # the A10 holds ~15k tokens of KV: 15 sequences of 1,024 tokens, each step ~ 45 ms
+    a10 = LatencyModel.from_names("A10", "llama-2-7b")
+    assert cap["A10"] == pytest.approx(15 / a10.decode_time(15, 1024))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from services.profiler.latency import LatencyModel
 from services.settings import WorkerSettings
 from workers.block_manager import BlockManager
@@ -15,28 +13,18 @@ from workers.policies import make_policy
 from workers.scheduler import Scheduler, SchedulerConfig
 
 
-@dataclass
-class LatencyOverrides:
-    """Profile coefficients a Profiler served, replacing the datasheet defaults."""
-
-    mfu: float | None = None
-    mbu: float | None = None
-    overhead_s: float | None = None
-
-
-def build_executor(cfg: WorkerSettings, clock: Clock, overrides: LatencyOverrides | None = None
+def build_executor(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None
                    ) -> tuple[Executor, int]:
-    """The executor and its KV capacity in tokens."""
+    """The executor and its KV capacity in tokens; ``latency`` is the Profiler's model, else the datasheet's."""
     if cfg.executor == "sim":
-        kw = {k: v for k, v in vars(overrides or LatencyOverrides()).items() if v}
-        latency = LatencyModel.from_names(cfg.gpu_type, cfg.model, **kw)
+        latency = latency or LatencyModel.from_names(cfg.gpu_type, cfg.model)
         return SimExecutor(latency, clock, time_scale=cfg.time_scale), latency.kv_capacity_tokens()
     raise ValueError(f"executor {cfg.executor!r} is not available in this build; use --executor sim")
 
 
-def build_engine(cfg: WorkerSettings, clock: Clock, overrides: LatencyOverrides | None = None, **engine_kw: object
+def build_engine(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None, **engine_kw: object
                  ) -> Engine:
-    executor, kv_tokens = build_executor(cfg, clock, overrides)
+    executor, kv_tokens = build_executor(cfg, clock, latency)
     num_blocks = cfg.kv_blocks or kv_tokens // cfg.block_size
     if num_blocks <= 0:
         raise ValueError(f"{cfg.model} leaves no KV memory on {cfg.gpu_type}; set --kv-blocks")

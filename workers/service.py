@@ -15,12 +15,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential
 
 from services import rpc
 from services import settings as settings_mod
-from services.rpc import balancer_pb2, balancer_pb2_grpc, common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2
+from services.rpc import balancer_pb2, balancer_pb2_grpc, common_pb2, worker_pb2
 from services.rpc import worker_pb2_grpc
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
 from services.validation import Invalid, check_lengths, check_sampling
-from workers.build import LatencyOverrides, build_engine
+from services.profiler import profiles
+from workers.build import build_engine
 from workers.clock import RealClock
 from workers.engine import Engine, IterationStats
 from workers.request import Request, SamplingParams, SloTarget
@@ -222,26 +223,6 @@ class BalancerLink:
         await self._channel.close()
 
 
-async def fetch_profile(cfg: settings_mod.WorkerSettings) -> LatencyOverrides | None:
-    """The Profiler's coefficients for this worker, or None (datasheet defaults) when it has none."""
-    if not cfg.profiler_address:
-        return None
-    async with rpc.channel(cfg.profiler_address) as channel:
-        stub = profiler_pb2_grpc.ProfilerStub(channel)
-        async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=0.5),
-                                           retry=retry_if_exception_type(grpc.aio.AioRpcError), reraise=True,
-                                           stop=lambda state: state.attempt_number >= 10):
-            with attempt:
-                try:
-                    p = await stub.GetProfile(profiler_pb2.GetProfileRequest(
-                        model=cfg.model, gpu_type=cfg.gpu_type, executor=cfg.executor), timeout=2)
-                except grpc.aio.AioRpcError as e:
-                    if e.code() == grpc.StatusCode.NOT_FOUND:
-                        return None
-                    raise
-    return LatencyOverrides(mfu=p.mfu, mbu=p.mbu, overhead_s=p.overhead_ms / 1000)
-
-
 def main(argv: Sequence[str] = ()) -> None:
     cfg = settings_mod.load(settings_mod.WorkerSettings, argv, prog="tandem serve worker")
     run_service(lambda: build_worker(cfg))
@@ -252,7 +233,9 @@ async def build_worker(cfg: settings_mod.WorkerSettings) -> ServiceHost:
     host.bind()
     cfg.worker_id = cfg.worker_id or f"{cfg.gpu_type.lower()}-{host.port}"
     clock = RealClock()
-    engine = build_engine(cfg, clock, await fetch_profile(cfg))
+    profile = (await profiles.fetch(cfg.profiler_address, cfg.model, cfg.gpu_type, cfg.executor)
+               if cfg.profiler_address and cfg.executor == "sim" else None)
+    engine = build_engine(cfg, clock, profiles.latency_model(profile) if profile else None)
     host.add_service(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(cfg, engine, clock, host.telemetry),
                      worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)
     link = BalancerLink(cfg, engine, balancer_pb2.WorkerInfo(

@@ -73,3 +73,11 @@ class LatencyModel:
         """Tokens of KV cache that fit beside the weights."""
         free = self.gpu.mem_gb * 1e9 * memory_utilization - self.model.weight_bytes
         return max(0, int(free // self.model.kv_bytes_per_token))
+
+    def saturated_decode_tok_s(self, context: int = 1024, max_batch: int = 256) -> float:
+        """Decode tokens/s at the largest batch the KV cache holds at ``context`` tokens per sequence.
+
+        A capacity estimate for routing and reports, not a promise: prefill work and length mix lower it.
+        """
+        batch = max(1, min(max_batch, self.kv_capacity_tokens() // max(1, context)))
+        return batch / self.decode_time(batch, context)

@@ -9,18 +9,10 @@ import grpc
 
 from services import settings as settings_mod
 from services.profiler import priors
-from services.profiler.catalog import GPUS, MODELS, gpu, model
-from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S
+from services.profiler.catalog import GPUS, MODELS
+from services.profiler.profiles import datasheet_profile
 from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc
 from services.server import ServiceHost, run_service
-
-
-def datasheet_profile(model_name: str, gpu_type: str, executor: str) -> profiler_pb2.LatencyProfile:
-    g, m = gpu(gpu_type), model(model_name)
-    return profiler_pb2.LatencyProfile(
-        model=m.name, gpu_type=g.name, executor=executor or "sim", source="datasheet",
-        peak_tflops=g.peak_tflops, mem_bw_tbs=g.mem_bw_tbs, mem_gb=g.mem_gb, mfu=DEFAULT_MFU, mbu=DEFAULT_MBU,
-        overhead_ms=DEFAULT_OVERHEAD_S * 1000)
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):

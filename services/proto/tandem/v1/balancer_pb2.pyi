@@ -124,18 +124,22 @@ class ListWorkersRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("info", "load", "outstanding", "last_report_age_s", "state")
+    __slots__ = ("info", "load", "outstanding", "last_report_age_s", "state", "capacity_tok_s", "profile_source")
     INFO_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     OUTSTANDING_FIELD_NUMBER: _ClassVar[int]
     LAST_REPORT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_TOK_S_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_SOURCE_FIELD_NUMBER: _ClassVar[int]
     info: WorkerInfo
     load: LoadReport
     outstanding: int
     last_report_age_s: float
     state: str
-    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., outstanding: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    capacity_tok_s: float
+    profile_source: str
+    def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., outstanding: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., state: _Optional[str] = ..., capacity_tok_s: _Optional[float] = ..., profile_source: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
     __slots__ = ("workers", "routing_policy")

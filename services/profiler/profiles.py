@@ -1,0 +1,44 @@
+"""Latency profiles: the datasheet profile of a (model, GPU type, executor), the latency model a profile
+describes, and a bounded fetch from the Profiler service for the workers and the balancer."""
+
+from __future__ import annotations
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from services import rpc
+from services.profiler.catalog import gpu, model
+from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, LatencyModel
+from services.rpc import profiler_pb2, profiler_pb2_grpc
+
+
+def datasheet_profile(model_name: str, gpu_type: str, executor: str = "sim") -> profiler_pb2.LatencyProfile:
+    g, m = gpu(gpu_type), model(model_name)
+    return profiler_pb2.LatencyProfile(
+        model=m.name, gpu_type=g.name, executor=executor or "sim", source="datasheet",
+        peak_tflops=g.peak_tflops, mem_bw_tbs=g.mem_bw_tbs, mem_gb=g.mem_gb, mfu=DEFAULT_MFU, mbu=DEFAULT_MBU,
+        overhead_ms=DEFAULT_OVERHEAD_S * 1000)
+
+
+def latency_model(profile: profiler_pb2.LatencyProfile) -> LatencyModel:
+    return LatencyModel(gpu(profile.gpu_type), model(profile.model), mfu=profile.mfu or DEFAULT_MFU,
+                        mbu=profile.mbu or DEFAULT_MBU, overhead_s=profile.overhead_ms / 1000 or DEFAULT_OVERHEAD_S)
+
+
+async def fetch(address: str, model_name: str, gpu_type: str, executor: str, attempts: int = 10
+                ) -> profiler_pb2.LatencyProfile | None:
+    """The Profiler's profile, retried while it starts up; None when it has none for this triple."""
+    async with rpc.channel(address) as channel:
+        stub = profiler_pb2_grpc.ProfilerStub(channel)
+        async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=0.5),
+                                           stop=stop_after_attempt(attempts), reraise=True,
+                                           retry=retry_if_exception_type(grpc.aio.AioRpcError)):
+            with attempt:
+                try:
+                    return await stub.GetProfile(profiler_pb2.GetProfileRequest(
+                        model=model_name, gpu_type=gpu_type, executor=executor), timeout=2)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.NOT_FOUND:
+                        return None
+                    raise
+    return None

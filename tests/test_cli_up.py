@@ -1,0 +1,60 @@
+"""`tandem up` as a user runs it: serves, then stops cleanly on SIGTERM, leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from services.rpc import gateway_pb2, gateway_pb2_grpc
+
+pytestmark = pytest.mark.slow
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_and_sigterm_stops_everything(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("routing_policy: round_robin\nworkers:\n  - {id: fast, gpu_type: H100-SXM}\n"
+                       "  - {id: slow, gpu_type: T4, model: llama-2-7b, kv_blocks: 200}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--cluster", str(cluster), "--port", "0",
+                             "--log-dir", str(tmp_path / "logs")], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    seen, address = [], None
+    deadline = time.monotonic() + 60
+    while address is None and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line, "tandem up exited early:\n" + "".join(seen)
+        seen.append(line)
+        if m := re.search(r"gateway on (\S+);", line):
+            address = m.group(1)
+    pids = [int(p) for p in re.findall(r"│\s*(\d{2,})\s*│", "".join(seen))]
+    assert address and len(pids) == 5, "".join(seen)        # profiler, balancer, 2 workers, gateway
+    with grpc.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        workers = {list(stub.Generate(gateway_pb2.GenerateRequest(prompt="hi", max_tokens=2)))[-1].metrics.worker_id
+                   for _ in range(4)}
+    assert workers == {"fast", "slow"}                        # round robin from the cluster file
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not [p for p in pids if alive(p)]
+
+
+def test_up_rejects_a_bad_cluster_file(tmp_path):
+    cluster = tmp_path / "bad.yaml"
+    cluster.write_text("workers: [{id: x, gpu_type: Z80}]\n")
+    out = subprocess.run([sys.executable, "-m", "services.cli", "up", "--cluster", str(cluster)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unknown GPU type 'Z80'" in out.stderr
