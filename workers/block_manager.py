@@ -47,6 +47,23 @@ class BlockManager:
         reserve = self.watermark_blocks if admission else 0
         return self.blocks_needed(request, num_new_tokens) <= len(self._free) - reserve
 
+    def grow(self, request_id: str, total_tokens: int) -> bool:
+        """Make ``request_id``'s table hold ``total_tokens``; False (nothing changed) when blocks are short.
+
+        The scheduler's hot path: one call per running request per step, usually allocating nothing.
+        """
+        table = self._tables.get(request_id)
+        if table is None:
+            table = self._tables[request_id] = []
+        need = -(-total_tokens // self.block_size) - len(table)
+        if need <= 0:
+            return True
+        free = self._free
+        if need > len(free):
+            return False
+        table.extend([free.popleft() for _ in range(need)])
+        return True
+
     def allocate(self, request: Request, num_new_tokens: int) -> list[int]:
         n = self.blocks_needed(request, num_new_tokens)
         if n > len(self._free):

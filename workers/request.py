@@ -64,6 +64,14 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     preemption_times: list[float] = field(default_factory=list)
+    num_tokens: int = 0                        # prompt plus output; kept as a counter, it is read every step
+
+    def __post_init__(self) -> None:
+        self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def append_output(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.num_tokens += 1
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,10 +80,6 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
     def num_pending_tokens(self) -> int:

@@ -30,22 +30,24 @@ class SchedulerConfig:
             raise ValueError("scheduler limits must be positive")
 
 
-@dataclass(frozen=True)
 class ScheduledRequest:
-    """One request's share of a step, fixed when scheduled (the request itself changes on update)."""
+    """One request's share of a step, fixed when scheduled (the request itself changes on update).
 
-    request: Request
-    num_new_tokens: int
-    context_before: int      # tokens already in the KV cache before this step
-    samples: bool            # this step completes the pending tokens, so the executor samples a token
-    is_decode: bool          # one new token after at least one output token
+    A slotted class rather than a frozen dataclass: one is made per running request per step.
+    """
 
-    @classmethod
-    def of(cls, request: Request, num_new_tokens: int) -> "ScheduledRequest":
-        before = request.num_computed_tokens
-        samples = before + num_new_tokens == request.num_tokens
-        return cls(request, num_new_tokens, before, samples,
-                   num_new_tokens == 1 and request.num_output_tokens > 0 and samples)
+    __slots__ = ("request", "num_new_tokens", "context_before", "samples", "is_decode")
+
+    def __init__(self, request: Request, num_new_tokens: int) -> None:
+        self.request = request
+        self.num_new_tokens = num_new_tokens
+        self.context_before = before = request.num_computed_tokens   # tokens already in the KV cache
+        # this step completes the pending tokens, so the executor samples a token
+        self.samples = samples = before + num_new_tokens == request.num_tokens
+        self.is_decode = num_new_tokens == 1 and samples and request.num_tokens > len(request.prompt_token_ids)
+
+    def __repr__(self) -> str:
+        return f"ScheduledRequest({self.request.request_id!r}, new={self.num_new_tokens}, ctx={self.context_before})"
 
 
 @dataclass
@@ -141,39 +143,59 @@ class Scheduler:
         now = self.clock.now()
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        if not self.policy.static_key:
-            self.running.sort(key=lambda r: self.policy.key(r, now))
-            self.waiting.sort(key=lambda r: self.policy.key(r, now))
+        policy = self.policy
+        if not policy.static_key:
+            self.running.sort(key=lambda r: policy.key(r, now))
+            self.waiting.sort(key=lambda r: policy.key(r, now))
 
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = min(request.num_pending_tokens, budget)
-            while not self.blocks.can_allocate(request, num_new):
-                victim = self.policy.preemption_victim(self.running[i:], now)
+        # 1. the policy may evict running requests in favour of a more important waiting one
+        if self.waiting and self.running:
+            head = self.waiting[0]
+            while (victim := policy.victim_for_waiting(head, self.running, self._fits, now)) is not None:
                 self._preempt(victim, now)
                 out.preempted.append(victim)
+
+        # 2. running requests first, in policy order; when one cannot grow, evict the policy's victim
+        memory_pressure = False
+        running = self.running
+        grow = self.blocks.grow
+        scheduled = out.scheduled
+        i = 0
+        while i < len(running) and budget > 0:
+            request = running[i]
+            computed = request.num_computed_tokens
+            num_new = request.num_tokens - computed
+            if num_new > budget:
+                num_new = budget
+            while not grow(request.request_id, computed + num_new):
+                victim = policy.preemption_victim(running[i:], now)
+                self._preempt(victim, now)
+                out.preempted.append(victim)
+                memory_pressure = True
                 if victim is request:
                     break
             else:
-                self._schedule(request, num_new, out)
+                scheduled.append(ScheduledRequest(request, num_new))
                 budget -= num_new
                 i += 1
 
-        if not out.preempted:
+        # 3. admit waiting requests while budget, sequence slots and blocks above the watermark last
+        if not memory_pressure and self.waiting:
+            started = list(running)
             admitted: list[Request] = []
             for request in self.waiting:
-                if budget <= 0 or len(self.running) + len(admitted) >= self.config.max_num_seqs:
+                if budget <= 0 or len(running) + len(admitted) >= self.config.max_num_seqs:
                     break
-                if not self.policy.admit(request, now):
+                if not policy.admit(request, now, started):
                     continue
                 num_new = min(request.num_pending_tokens, budget)
-                if not self.blocks.can_allocate(request, num_new, admission=True):
+                alloc = self._alloc_tokens(request, num_new)
+                if not self.blocks.can_allocate(request, alloc, admission=True):
                     break
                 request.status = RequestStatus.RUNNING
                 if request.first_scheduled_time is None:
                     request.first_scheduled_time = now
-                self._schedule(request, num_new, out)
+                self._schedule(request, num_new, alloc, out)
                 budget -= num_new
                 admitted.append(request)
             if admitted:
@@ -195,7 +217,7 @@ class Scheduler:
             if not item.samples:
                 continue          # a prefill chunk that is not the last
             token = sampled[request.request_id]
-            request.output_token_ids.append(token)
+            request.append_output(token)
             if request.first_token_time is None:
                 request.first_token_time = now
             status = self._stop_status(request, token)
@@ -205,9 +227,20 @@ class Scheduler:
         return results
 
     # ----- internals ---------------------------------------------------------------------------------
-    def _schedule(self, request: Request, num_new: int, out: SchedulerOutput) -> None:
-        self.blocks.allocate(request, num_new)
-        out.scheduled.append(ScheduledRequest.of(request, num_new))
+    def _schedule(self, request: Request, num_new: int, alloc_tokens: int, out: SchedulerOutput) -> None:
+        self.blocks.allocate(request, alloc_tokens)
+        out.scheduled.append(ScheduledRequest(request, num_new))
+
+    def _alloc_tokens(self, request: Request, num_new: int) -> int:
+        """Tokens to allocate on admission: this step's, or the policy's up-front reservation if larger."""
+        return max(num_new, self.policy.reserve_tokens(request) - request.num_computed_tokens)
+
+    def _fits(self, request: Request) -> bool:
+        """Whether a waiting request could be admitted right now (a sequence slot and its first blocks)."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return False
+        num_new = min(request.num_pending_tokens, self.config.max_num_batched_tokens)
+        return self.blocks.can_allocate(request, self._alloc_tokens(request, num_new), admission=True)
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         sp = request.sampling

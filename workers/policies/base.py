@@ -1,9 +1,9 @@
 """The engine policy interface and its name registry.
 
-A policy supplies the order in which requests get the batch, whether a waiting request may be admitted, and
-which running request loses its blocks when memory runs out. It never sleeps, reads wall time or does I/O:
-the scheduler passes ``now`` from its injected clock. Adding a policy is one small file that subclasses
-``EnginePolicy`` and decorates it with ``@register``.
+A policy supplies the order in which requests get the batch, whether a waiting request may join, how many
+tokens of KV to reserve when it does, and which running request loses its blocks when memory runs out or a
+more important request waits. It never sleeps, reads wall time or does I/O: the scheduler passes ``now`` from
+its injected clock. Adding a policy is one small file that subclasses ``EnginePolicy`` and is ``@register``ed.
 """
 
 from __future__ import annotations
@@ -23,13 +23,22 @@ class EnginePolicy:
         """Sort key: smaller goes first, both for admission and for the running batch."""
         return (request.arrival_time,)
 
-    def admit(self, request: Request, now: float) -> bool:
-        """Whether ``request`` may join the batch now (blocks permitting)."""
+    def admit(self, request: Request, now: float, running: Sequence[Request]) -> bool:
+        """Whether ``request`` may join the batch now (blocks permitting); ``running`` as the step began."""
         return True
+
+    def reserve_tokens(self, request: Request) -> int:
+        """Tokens of KV to allocate when admitted; 0 means only what each step needs (paged, vLLM-style)."""
+        return 0
 
     def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
         """The running request to evict when blocks run out: by default the one that sorts last."""
         return max(candidates, key=lambda r: self.key(r, now))
+
+    def victim_for_waiting(self, head: Request, running: Sequence[Request], fits: Callable[[Request], bool],
+                           now: float) -> Request | None:
+        """A running request to preempt so that the waiting ``head`` can run; None leaves the batch alone."""
+        return None
 
 
 P = TypeVar("P", bound=type[EnginePolicy])
