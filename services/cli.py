@@ -49,14 +49,22 @@ def _policy_pair(policy: Optional[str]) -> tuple[Optional[str], Optional[str]]:
     return route or None, engine or None
 
 
-def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: Optional[Path]):
+def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: Optional[Path],
+           executor: Optional[str] = None, model: Optional[str] = None):
     from balancer.routing import policy_names as routing_names
-    from services.cluster import ClusterFileError, load_cluster
+    from services.cluster import ClusterFileError, ClusterSpec, WorkerSpec, load_cluster
     from services.launcher import LocalStack
     from workers.policies import policy_names as engine_names
 
     try:
-        spec = load_cluster(cluster)
+        if executor and executor != "sim":
+            if cluster is not None:
+                raise typer.BadParameter("use either --cluster or --executor/--model")
+            if not model or not Path(model).is_dir():
+                raise typer.BadParameter(f"--executor {executor} needs --model PATH, a checkpoint folder")
+            spec = ClusterSpec(workers=[WorkerSpec(id=f"{executor}-0", executor=executor, model=str(Path(model).resolve()))])
+        else:
+            spec = load_cluster(cluster)
     except ClusterFileError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
@@ -76,14 +84,21 @@ def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: O
 def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); default: three sim workers"),
        port: int = typer.Option(50051, help="gateway port"),
        policy: Optional[str] = typer.Option(None, help="ROUTE/ENGINE policies, e.g. least_outstanding/fcfs"),
-       log_dir: Optional[Path] = typer.Option(None, help="where service logs go (default: a temp folder)")) -> None:
+       log_dir: Optional[Path] = typer.Option(None, help="where service logs go (default: a temp folder)"),
+       executor: Optional[str] = typer.Option(None, help="torch: one worker running --model instead of a cluster"),
+       model: Optional[str] = typer.Option(None, help="with --executor torch: a Hugging Face checkpoint folder")
+       ) -> None:
     """Start the whole local stack on 127.0.0.1 in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
-    stack = _stack(cluster, port, policy, log_dir)
+    stack = _stack(cluster, port, policy, log_dir, executor, model)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    with console.status("starting the stack ..."):
-        stack.start()
+    try:
+        with console.status("starting the stack ..."):
+            stack.start()
+    except Exception as e:    # a service that failed to start says why in its log tail
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
     table = Table(title="Tandem stack", show_lines=False)
     for col in ("service", "address", "pid"):
         table.add_column(col)
@@ -207,6 +222,23 @@ def demo(cluster: Optional[Path] = typer.Option(None, help="cluster file; defaul
     except TraceError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
+
+
+@app.command("make-checkpoint")
+def make_checkpoint(path: Path = typer.Argument(..., help="folder to write"),
+                    hidden_size: int = typer.Option(64), layers: int = typer.Option(2), heads: int = typer.Option(4),
+                    kv_heads: int = typer.Option(2), vocab_size: int = typer.Option(512),
+                    max_position_embeddings: int = typer.Option(1024), seed: int = typer.Option(0)) -> None:
+    """Write a tiny randomly initialised Llama checkpoint with a tokenizer (Hugging Face format)."""
+    try:
+        from workers.executors.checkpoint import make_tiny_llama
+    except ImportError as e:
+        console.print(f"[red]needs the torch extra: {e}[/red]")
+        raise typer.Exit(2) from None
+    with console.status(f"writing {path} ..."):
+        make_tiny_llama(path, hidden_size=hidden_size, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                        vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, seed=seed)
+    console.print(f"wrote {path}: try `tandem up --executor torch --model {path}`")
 
 
 bench_app = typer.Typer(help="Benchmarks: each prints a table and writes JSON.", no_args_is_help=True)

@@ -25,13 +25,18 @@ class WorkerSpec(BaseModel):
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(2048, gt=0)
     time_scale: float = Field(1.0, gt=0)
+    device: str = "auto"                 # torch executor
+    dtype: str = "auto"                  # torch executor
 
     @model_validator(mode="after")
     def _known_names(self) -> "WorkerSpec":
+        if self.executor != "sim":
+            if "gpu_type" not in self.model_fields_set:
+                self.gpu_type = ""       # the worker reports the device it finds
+            return self
         try:
             gpu(self.gpu_type)
-            if self.executor == "sim":
-                model(self.model)
+            model(self.model)
         except KeyError as e:
             raise ValueError(e.args[0]) from None
         return self

@@ -42,13 +42,18 @@ class WorkerSettings(ServiceSettings):
     profiler_address: str = ""
     executor: Literal["sim", "torch", "vllm"] = "sim"
     gpu_type: str = "A100-80G"
-    model: str = "llama-2-7b"
+    model: str = Field("llama-2-7b", description="sim: a model name; torch: a checkpoint folder")
     engine_policy: str = "fcfs"
     block_size: int = Field(16, gt=0)
     kv_blocks: int = Field(0, ge=0, description="KV block budget; 0 derives it from device memory")
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(2048, gt=0)
     time_scale: float = Field(1.0, gt=0, description="sim executor: multiply predicted step times")
+    device: str = Field("auto", description="torch executor: cpu, cuda, cuda:N or auto")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int = Field(0, ge=0, description="torch executor: cap on the context window; 0 = the model's")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory for weights and KV")
+    cpu_kv_tokens: int = Field(65536, gt=0, description="torch executor on CPU: KV cache size in tokens")
 
 
 class GatewaySettings(ServiceSettings):

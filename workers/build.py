@@ -15,20 +15,34 @@ from workers.scheduler import Scheduler, SchedulerConfig
 
 def build_executor(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None
                    ) -> tuple[Executor, int]:
-    """The executor and its KV capacity in tokens; ``latency`` is the Profiler's model, else the datasheet's."""
+    """The executor and its KV block budget (``kv_blocks`` when set, else from device memory or a setting)."""
     if cfg.executor == "sim":
         latency = latency or LatencyModel.from_names(cfg.gpu_type, cfg.model)
-        return SimExecutor(latency, clock, time_scale=cfg.time_scale), latency.kv_capacity_tokens()
-    raise ValueError(f"executor {cfg.executor!r} is not available in this build; use --executor sim")
+        executor: Executor = SimExecutor(latency, clock, time_scale=cfg.time_scale)
+        return executor, cfg.kv_blocks or latency.kv_capacity_tokens() // cfg.block_size
+    if cfg.executor == "torch":
+        try:
+            from workers.executors.torch_executor import TorchExecutor
+        except ImportError as e:
+            raise ValueError(f"the torch executor needs the torch extra (pip install 'tandem-serve[torch]'): {e}")
+        torch_executor = TorchExecutor(cfg.model, device=cfg.device, dtype=cfg.dtype, max_model_len=cfg.max_model_len)
+        if cfg.kv_blocks:
+            blocks = cfg.kv_blocks
+        elif torch_executor.device.type == "cuda":
+            blocks = torch_executor.kv_blocks_for_memory(cfg.block_size, cfg.gpu_memory_utilization)
+        else:
+            blocks = cfg.cpu_kv_tokens // cfg.block_size
+        return torch_executor, blocks
+    raise ValueError(f"executor {cfg.executor!r} is not available in this build; use sim or torch")
 
 
 def build_engine(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None, **engine_kw: object
                  ) -> Engine:
-    executor, kv_tokens = build_executor(cfg, clock, latency)
-    num_blocks = cfg.kv_blocks or kv_tokens // cfg.block_size
+    executor, num_blocks = build_executor(cfg, clock, latency)
     if num_blocks <= 0:
         raise ValueError(f"{cfg.model} leaves no KV memory on {cfg.gpu_type}; set --kv-blocks")
-    scheduler = Scheduler(
-        SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, executor.max_model_len),
-        BlockManager(num_blocks, cfg.block_size), make_policy(cfg.engine_policy), clock)
+    blocks = BlockManager(num_blocks, cfg.block_size)
+    executor.bind_blocks(blocks)
+    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, executor.max_model_len),
+                          blocks, make_policy(cfg.engine_policy), clock)
     return Engine(scheduler, executor, clock, **engine_kw)

@@ -87,7 +87,8 @@ class Engine:
         if not self._accepting:
             raise RuntimeError("engine is draining")
         self.scheduler.add_request(request)
-        stream = RequestStream(request, Detokenizer(self.executor.tokenizer, request.sampling.stop))
+        stream = RequestStream(request, Detokenizer(self.executor.tokenizer, request.sampling.stop,
+                                                    request.prompt_token_ids))
         self._streams[request.request_id] = stream
         self._wake.set()
         return stream
@@ -162,6 +163,8 @@ class Engine:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
                 reason = RequestStatus.FINISHED_STOPPED.finish_reason
             if reason is not None:
+                if not stopped:
+                    text += stream.detokenizer.flush(request.output_token_ids)
                 del self._streams[request.request_id]
                 self.executor.release(request.request_id)
             stream.push(output.new_token_ids, text, reason)

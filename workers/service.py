@@ -223,6 +223,16 @@ class BalancerLink:
         await self._channel.close()
 
 
+def device_label(executor: object) -> str:
+    """What a real executor runs on, for the cluster table: the CUDA device's name, or CPU."""
+    device = getattr(executor, "device", None)
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
 def main(argv: Sequence[str] = ()) -> None:
     cfg = settings_mod.load(settings_mod.WorkerSettings, argv, prog="tandem serve worker")
     run_service(lambda: build_worker(cfg))
@@ -231,11 +241,13 @@ def main(argv: Sequence[str] = ()) -> None:
 async def build_worker(cfg: settings_mod.WorkerSettings) -> ServiceHost:
     host = ServiceHost("worker", cfg)
     host.bind()
-    cfg.worker_id = cfg.worker_id or f"{cfg.gpu_type.lower()}-{host.port}"
     clock = RealClock()
     profile = (await profiles.fetch(cfg.profiler_address, cfg.model, cfg.gpu_type, cfg.executor)
                if cfg.profiler_address and cfg.executor == "sim" else None)
     engine = build_engine(cfg, clock, profiles.latency_model(profile) if profile else None)
+    if cfg.executor != "sim" and "gpu_type" not in cfg.model_fields_set:
+        cfg.gpu_type = device_label(engine.executor)
+    cfg.worker_id = cfg.worker_id or f"{cfg.gpu_type.lower().replace(' ', '-')}-{host.port}"
     host.add_service(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(cfg, engine, clock, host.telemetry),
                      worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)
     link = BalancerLink(cfg, engine, balancer_pb2.WorkerInfo(

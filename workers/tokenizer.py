@@ -57,28 +57,47 @@ class SimTokenizer:
 class Detokenizer:
     """Turns a request's growing output ids into new text, and finds stop strings.
 
-    Decodes the whole output each time only over a short window behind the last emitted text, so
-    multi-byte characters split across tokens come out whole (a trailing U+FFFD waits for the next token).
+    Decodes only a short window: the tokens since the last clean emission (``prefix`` .. ``read``) and
+    everything after. Text that ends in U+FFFD (a character split across tokens) waits for the next token;
+    ``flush`` emits what is left when the request ends. A few prompt tokens seed the window so tokenizers that
+    drop a leading space at the start of a decode still produce it.
     """
 
-    WINDOW = 6
+    CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), prompt_ids: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.text = ""
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._context = list(prompt_ids[-self.CONTEXT:])
+        self._prefix = 0                      # offsets into context + output ids
+        self._read = len(self._context)
 
     def add(self, output_ids: Sequence[int]) -> tuple[str, bool]:
         """New text since the last call and whether a stop string ended the answer (text cut before it)."""
-        prefix = self.tokenizer.decode(output_ids[self._prefix_offset:self._read_offset])
-        full = self.tokenizer.decode(output_ids[self._prefix_offset:])
-        if full.endswith("\ufffd"):
+        n_ctx = len(self._context)
+        # the window: context + output ids from absolute offset self._prefix on
+        if self._prefix < n_ctx:
+            ids = self._context[self._prefix:] + list(output_ids)
+        else:
+            ids = list(output_ids[self._prefix - n_ctx:])
+        prefix = self.tokenizer.decode(ids[:self._read - self._prefix])
+        full = self.tokenizer.decode(ids)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return "", False
-        new = full[len(prefix):]
-        self._read_offset = len(output_ids)
-        self._prefix_offset = max(0, self._read_offset - self.WINDOW)
+        self._prefix, self._read = self._read, self._prefix + len(ids)
+        return self._emit(full[len(prefix):])
+
+    def flush(self, output_ids: Sequence[int]) -> str:
+        """What is still held back when the answer ends (the whole decode minus what was emitted)."""
+        full = self.tokenizer.decode(list(output_ids))
+        if full.startswith(self.text) and len(full) > len(self.text):
+            rest = full[len(self.text):]
+            self.text = full
+            return rest
+        return ""
+
+    def _emit(self, new: str) -> tuple[str, bool]:
         if self.stop:
             combined = self.text + new
             start = max(0, len(self.text) - max(map(len, self.stop)))

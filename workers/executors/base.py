@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from workers.block_manager import BlockManager
 from workers.scheduler import SchedulerOutput
 from workers.tokenizer import Tokenizer
 
@@ -12,6 +13,9 @@ class Executor(Protocol):
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+
+    def bind_blocks(self, blocks: BlockManager) -> None:
+        """The engine's block manager: an executor with a paged cache sizes and indexes it by these blocks."""
 
     async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
         """Run one step; return the sampled token of every request whose pending tokens this step completes."""

@@ -24,6 +24,9 @@ class SimExecutor:
         self.tokenizer = SimTokenizer(latency.model.vocab_size)
         self.max_model_len = latency.model.max_model_len
 
+    def bind_blocks(self, blocks: object) -> None:
+        """No cache to size: the sim executor only counts blocks through the scheduler."""
+
     def step_time(self, batch: SchedulerOutput) -> float:
         shape = BatchShape.of((s.num_new_tokens, s.context_before) for s in batch.scheduled)
         return self.latency.step_time(shape) * self.time_scale

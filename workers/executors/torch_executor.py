@@ -1,0 +1,194 @@
+"""The torch executor: runs a local Hugging-Face-format Llama-family checkpoint on CPU or CUDA.
+
+Inputs of each step are built from the scheduler's block tables on the event loop; the forward pass and
+sampling then run in a worker thread, so the service keeps streaming while the model computes. Sampling
+supports greedy (temperature 0), temperature, top-k and top-p, with a generator per request seeded from the
+request's seed, so the same seed gives the same answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from workers.block_manager import BlockManager
+from workers.executors.llama import CheckpointError, LlamaArch, PagedLlama, StepInputs
+from workers.request import Request
+from workers.scheduler import SchedulerOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class HfTokenizer:
+    """The checkpoint's own tokenizer, behind the engine's small tokenizer interface."""
+
+    def __init__(self, folder: Path) -> None:
+        names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+        if not any((folder / n).exists() for n in names):
+            raise CheckpointError(f"{folder} has no tokenizer ({', '.join(names)}); save one with the checkpoint "
+                                  "(tokenizer.save_pretrained) or make a test checkpoint with "
+                                  "`tandem make-checkpoint`")
+        from transformers import AutoTokenizer
+
+        self.hf = AutoTokenizer.from_pretrained(str(folder))
+        self.eos_token_id: int | None = self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text)["input_ids"])
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.hf.decode(list(token_ids), skip_special_tokens=True)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device, checkpoint_dtype: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32                # half precision matmuls are slow on CPU
+    return DTYPES.get(checkpoint_dtype, torch.bfloat16)
+
+
+class TorchExecutor:
+    name = "torch"
+
+    def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto",
+                 max_model_len: int = 0) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"checkpoint folder {folder} does not exist")
+        self.tokenizer = HfTokenizer(folder)
+        self.device = pick_device(device)
+        arch = LlamaArch.from_folder(folder)
+        self.model = PagedLlama(folder, self.device, pick_dtype(dtype, self.device, arch.dtype), arch)
+        if self.tokenizer.eos_token_id is None:
+            self.tokenizer.eos_token_id = arch.eos_token_id
+        self.max_model_len = min(max_model_len, arch.max_position_embeddings) if max_model_len else \
+            arch.max_position_embeddings
+        self.blocks: BlockManager | None = None
+        self._generators: dict[str, torch.Generator] = {}
+
+    # ----- KV memory ---------------------------------------------------------------------------------
+    def kv_blocks_for_memory(self, block_size: int, memory_utilization: float) -> int:
+        """On CUDA: the blocks that fit in ``memory_utilization`` of the device beside what is already used."""
+        if self.device.type != "cuda":
+            raise ValueError("device memory sizing needs CUDA; on CPU set --kv-blocks")
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = total * memory_utilization - used
+        return max(0, int(budget // self.model.kv_bytes_per_block(block_size)))
+
+    def bind_blocks(self, blocks: BlockManager) -> None:
+        self.blocks = blocks
+        self.model.allocate_cache(blocks.num_blocks, blocks.block_size)
+
+    # ----- one step ----------------------------------------------------------------------------------
+    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
+        assert self.blocks is not None, "bind_blocks first"
+        bs = self.blocks.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
+        logit_rows: list[int] = []
+        sampled: list[Request] = []
+        for item in batch.scheduled:
+            r, n, before = item.request, item.num_new_tokens, item.context_before
+            table = self.blocks.block_table(r.request_id)
+            start = len(tokens)
+            prompt_len = len(r.prompt_token_ids)
+            if before + n <= prompt_len:
+                tokens.extend(r.prompt_token_ids[before:before + n])
+            else:
+                tokens.extend((r.prompt_token_ids + r.output_token_ids)[before:before + n])
+            positions.extend(range(before, before + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(before, before + n))
+            if n == 1 and before > 0:
+                decode_rows.append(start)
+                decode_tables.append(table)
+                decode_lens.append(before + 1)
+            else:
+                key_slots = None
+                if before > 0:
+                    key_slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(before + n)])
+                prefills.append((start, n, before, key_slots))
+            if item.samples:
+                logit_rows.append(len(tokens) - 1)
+                sampled.append(r)
+        dev = self.device
+        step = StepInputs(
+            token_ids=torch.tensor(tokens, device=dev), positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.tensor(slots, device=dev), decode_rows=None, decode_slots=None, decode_mask=None,
+            prefills=[(s, n, b, k.to(dev) if k is not None else None) for s, n, b, k in prefills],
+            logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long))
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            key_slots = (table_tensor[:, :, None] * bs + torch.arange(bs)).view(len(decode_tables), -1)
+            longest = max(decode_lens)
+            step.decode_rows = torch.tensor(decode_rows, device=dev)
+            step.decode_slots = key_slots[:, :longest].to(dev)
+            step.decode_mask = (torch.arange(longest)[None, :] < torch.tensor(decode_lens)[:, None]) \
+                .view(len(decode_rows), 1, 1, longest).to(dev)
+        return step, sampled
+
+    def run(self, step: StepInputs, requests: list[Request]) -> dict[str, int]:
+        logits = self.model.forward(step)
+        return self.sample(logits, requests)
+
+    async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
+        step, requests = self.prepare(batch)
+        return await asyncio.to_thread(self.run, step, requests)
+
+    def release(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    # ----- sampling ----------------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        greedy = [i for i, r in enumerate(requests) if r.sampling.temperature == 0]
+        if greedy:
+            picks = logits[greedy].argmax(dim=-1).tolist()
+            for i, token in zip(greedy, picks):
+                out[requests[i].request_id] = token
+        for i, r in enumerate(requests):
+            if r.sampling.temperature == 0:
+                continue
+            probs = self._probs(logits[i], r)
+            out[r.request_id] = int(torch.multinomial(probs, 1, generator=self._generator(r)).item())
+        return out
+
+    @staticmethod
+    def _probs(row: torch.Tensor, r: Request) -> torch.Tensor:
+        sp = r.sampling
+        row = row / sp.temperature
+        if 0 < sp.top_k < row.shape[-1]:
+            kth = torch.topk(row, sp.top_k).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if sp.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = sorted_probs.cumsum(-1) - sorted_probs > sp.top_p    # keep the smallest set reaching top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        return probs / probs.sum()
+
+    def _generator(self, r: Request) -> torch.Generator:
+        g = self._generators.get(r.request_id)
+        if g is None:
+            g = torch.Generator(device=self.device)
+            g.manual_seed(r.sampling.seed if r.sampling.seed is not None else secrets.randbits(63))
+            self._generators[r.request_id] = g
+        return g
