@@ -79,3 +79,32 @@ def load_azure(path: str | Path, *, start_s: float = 0.0, duration_s: float | No
     if not out:
         raise TraceError(f"{path}: no requests in the chosen window")
     return out
+
+
+SHAREGPT_FILE = "lengths_sharegpt_8k_filtered_stats_llama2_tokenizer.csv"
+
+
+def load_sharegpt_lengths(path: str | Path | None = None) -> list[tuple[int, int]]:
+    """(input, output) token-count pairs of ShareGPT chats; no arrival times (pair them with a process)."""
+    path = Path(path) if path else Path(os.environ.get("TANDEM_TRACES_DIR") or SHARED_TRACES) / SHAREGPT_FILE
+    try:
+        handle = path.open(newline="")
+    except OSError as e:
+        raise TraceError(f"cannot read lengths file {path}: {e.strerror}") from None
+    pairs: list[tuple[int, int]] = []
+    with handle:
+        reader = csv.DictReader(handle)
+        missing = {"num_prefill_tokens", "num_decode_tokens"} - set(reader.fieldnames or ())
+        if missing:
+            raise TraceError(f"{path}: missing columns {sorted(missing)}")
+        for line_no, row in enumerate(reader, start=2):
+            try:
+                n_in, n_out = int(row["num_prefill_tokens"]), int(row["num_decode_tokens"])
+            except (TypeError, ValueError) as e:
+                raise TraceError(f"{path}:{line_no}: {e}") from None
+            if n_in <= 0 or n_out <= 0:
+                raise TraceError(f"{path}:{line_no}: token counts must be positive")
+            pairs.append((n_in, n_out))
+    if not pairs:
+        raise TraceError(f"{path}: no rows")
+    return pairs

@@ -258,6 +258,23 @@ def bench_stream(gpu_type: str = typer.Option("A100-80G", help="the sim worker's
         max_tokens=max_tokens, out=out, console=console)
 
 
+@bench_app.command("engine")
+def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = typer.Option(131072, min=1024),
+                 out: Path = typer.Option(Path("bench/results/engine.json"))) -> None:
+    """Torch worker vs transformers' static batching on ShareGPT lengths; peak memory; schedule() time."""
+    from bench.engine import run
+
+    run(n_requests=requests, kv_tokens=kv_tokens, out=out)
+
+
+@bench_app.command("schedule")
+def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
+    """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""
+    from bench.schedule import run
+
+    run(out=out)
+
+
 def main() -> None:
     app()
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -44,6 +48,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
             return time.monotonic() - start
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def tandem_up(args: list[str], timeout: float = 90.0) -> tuple[subprocess.Popen, str, str]:
+    """Run `tandem up ARGS` as a user would; returns the process, the gateway address and what it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError("tandem up exited early:\n" + "".join(seen))
+        seen.append(line)
+        if m := re.search(r"gateway on (\S+);", line):
+            return proc, m.group(1), "".join(seen)
+    proc.kill()
+    raise AssertionError("tandem up did not start in time:\n" + "".join(seen))
 
 
 class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):

@@ -7,12 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
 
 from services.rpc import gateway_pb2, gateway_pb2_grpc
+from tests.helpers import tandem_up
 
 pytestmark = pytest.mark.slow
 
@@ -29,19 +29,9 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path):
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text("routing_policy: round_robin\nworkers:\n  - {id: fast, gpu_type: H100-SXM}\n"
                        "  - {id: slow, gpu_type: T4, model: llama-2-7b, kv_blocks: 200}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--cluster", str(cluster), "--port", "0",
-                             "--log-dir", str(tmp_path / "logs")], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    seen, address = [], None
-    deadline = time.monotonic() + 60
-    while address is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        assert line, "tandem up exited early:\n" + "".join(seen)
-        seen.append(line)
-        if m := re.search(r"gateway on (\S+);", line):
-            address = m.group(1)
-    pids = [int(p) for p in re.findall(r"│\s*(\d{2,})\s*│", "".join(seen))]
-    assert address and len(pids) == 5, "".join(seen)        # profiler, balancer, 2 workers, gateway
+    proc, address, printed = tandem_up(["--cluster", str(cluster), "--port", "0", "--log-dir", str(tmp_path / "logs")])
+    pids = [int(p) for p in re.findall(r"│\s*(\d{2,})\s*│", printed)]
+    assert len(pids) == 5, printed                          # profiler, balancer, 2 workers, gateway
     with grpc.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         workers = {list(stub.Generate(gateway_pb2.GenerateRequest(prompt="hi", max_tokens=2)))[-1].metrics.worker_id

@@ -37,6 +37,9 @@ def test_32_concurrent_streams_finish_with_correct_metrics(stack):
             return requests, results, time.perf_counter() - started
 
     requests, results, wall = asyncio.run(main())
+    stats = worker_stats(stack)
+    assert sum(s.finished for s in stats.values()) >= 32
+    assert all(s.iterations > 0 and s.recent_batch_size >= 1 for s in stats.values())
     workers_used = set()
     for request, replies in zip(requests, results):
         final = replies[-1]

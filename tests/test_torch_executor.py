@@ -4,12 +4,7 @@ batched prefill and decode, and greedy output equal to transformers' ``generate`
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
-import subprocess
-import sys
-import time
 
 import grpc
 import pytest
@@ -20,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from services.cluster import ClusterSpec, WorkerSpec  # noqa: E402
 from services.rpc import gateway_pb2, gateway_pb2_grpc  # noqa: E402
 from services.settings import WorkerSettings  # noqa: E402
-from tests.helpers import start_stack, wait_until, worker_stats  # noqa: E402
+from tests.helpers import start_stack, tandem_up, worker_stats  # noqa: E402
 from workers.build import build_engine  # noqa: E402
 from workers.clock import RealClock  # noqa: E402
 from workers.executors.checkpoint import make_tiny_llama  # noqa: E402
@@ -158,17 +153,7 @@ def test_checkpoint_errors_are_clear(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_tandem_up_with_a_torch_worker(tiny, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--executor", "torch", "--model", str(tiny),
-                             "--port", "0", "--log-dir", str(tmp_path)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "COLUMNS": "200"})
-    address, seen = None, []
-    deadline = time.monotonic() + 90
-    while address is None and time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        assert line, "tandem up exited early:\n" + "".join(seen)
-        seen.append(line)
-        if m := re.search(r"gateway on (\S+);", line):
-            address = m.group(1)
+    proc, address, _ = tandem_up(["--executor", "torch", "--model", str(tiny), "--port", "0", "--log-dir", str(tmp_path)])
     try:
         with grpc.insecure_channel(address) as channel:
             replies = list(gateway_pb2_grpc.GatewayStub(channel).Generate(

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from bench.metrics import RequestRecord, e2e, satisfaction, slo_met, summarize, tpot, ttft
-from bench.traces import TraceError, default_trace_path, load_azure
+from bench.traces import TraceError, default_trace_path, load_azure, load_sharegpt_lengths
 from services.slo import SloClass
 
 INTERACTIVE = SloClass(ttft_ms=1000, tpot_ms=100)
@@ -85,3 +85,22 @@ def test_fractional_seconds_keep_100ns_digits(tmp_path):
                     "2023-11-16 18:17:04.0000001,5,5")
     rows = load_azure(path)
     assert rows[1].arrival_s == pytest.approx(0.0200401, abs=1e-7)
+
+
+def test_sharegpt_lengths():
+    pairs = load_sharegpt_lengths()
+    assert len(pairs) == 30731 and all(i > 0 and o > 0 for i, o in pairs)
+    assert max(o for _, o in pairs) <= 1024
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("a,b\n1,2\n", "missing columns"),
+    ("num_prefill_tokens,num_decode_tokens\n5,x\n", ":2:"),
+    ("num_prefill_tokens,num_decode_tokens\n5,0\n", "positive"),
+    ("num_prefill_tokens,num_decode_tokens\n", "no rows"),
+])
+def test_malformed_length_files(tmp_path, content, problem):
+    path = tmp_path / "lengths.csv"
+    path.write_text(content)
+    with pytest.raises(TraceError, match=problem):
+        load_sharegpt_lengths(path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -79,6 +80,8 @@ class Engine:
         self._stopped = False
         self._accepting = True
         self.iterations = 0
+        self.preemptions = 0
+        self.recent: deque[IterationStats] = deque(maxlen=256)
         self.step_time_ms = 0.0
         self._ema = step_time_ema
 
@@ -145,11 +148,13 @@ class Engine:
             self.iterations += 1
             ms = step * 1000.0
             self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
+            self.preemptions += len(out.preempted)
+            stats = IterationStats(self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
+                                   out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
+                                   self.scheduler.num_waiting)
+            self.recent.append(stats)
             if self.on_iteration is not None:
-                self.on_iteration(IterationStats(
-                    self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
-                    out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
-                    self.scheduler.num_waiting), out)
+                self.on_iteration(stats, out)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

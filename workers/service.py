@@ -93,7 +93,15 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
                        ) -> worker_pb2.WorkerStats:
         s = self.engine.scheduler
+        recent = list(self.engine.recent)
+
+        def mean(values: list[int]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
         return worker_pb2.WorkerStats(
+            recent_batch_size=mean([i.batch_size for i in recent]),
+            recent_prefill_tokens=mean([i.num_prefill_tokens for i in recent]),
+            recent_decode_tokens=mean([i.num_decode_tokens for i in recent]), preemptions=self.engine.preemptions,
             worker_id=self.cfg.worker_id, gpu_type=self.cfg.gpu_type, model=self.cfg.model,
             executor=self.cfg.executor, running=s.num_running, waiting=s.num_waiting,
             kv_blocks_total=s.blocks.num_blocks, kv_blocks_used=s.blocks.num_used_blocks,

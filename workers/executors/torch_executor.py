@@ -120,29 +120,41 @@ class TorchExecutor:
                 decode_tables.append(table)
                 decode_lens.append(before + 1)
             else:
-                key_slots = None
-                if before > 0:
-                    key_slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(before + n)])
-                prefills.append((start, n, before, key_slots))
+                key_blocks = torch.tensor(table[:-(-(before + n) // bs)]) if before > 0 else None
+                prefills.append((start, n, before, key_blocks))
             if item.samples:
                 logit_rows.append(len(tokens) - 1)
                 sampled.append(r)
         dev = self.device
         step = StepInputs(
             token_ids=torch.tensor(tokens, device=dev), positions=torch.tensor(positions, device=dev),
-            slot_mapping=torch.tensor(slots, device=dev), decode_rows=None, decode_slots=None, decode_mask=None,
+            slot_mapping=torch.tensor(slots, device=dev),
+            decodes=self._decode_groups(decode_rows, decode_tables, decode_lens, bs),
             prefills=[(s, n, b, k.to(dev) if k is not None else None) for s, n, b, k in prefills],
             logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long))
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            table_tensor = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            key_slots = (table_tensor[:, :, None] * bs + torch.arange(bs)).view(len(decode_tables), -1)
-            longest = max(decode_lens)
-            step.decode_rows = torch.tensor(decode_rows, device=dev)
-            step.decode_slots = key_slots[:, :longest].to(dev)
-            step.decode_mask = (torch.arange(longest)[None, :] < torch.tensor(decode_lens)[:, None]) \
-                .view(len(decode_rows), 1, 1, longest).to(dev)
         return step, sampled
+
+    GROUP_SPREAD = 1.5      # a decode group's longest context is at most this times its shortest (plus a block)
+
+    def _decode_groups(self, rows: list[int], tables: list[list[int]], lens: list[int], bs: int
+                       ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Decodes sorted by context and cut into groups of similar length, each padded to its own longest."""
+        order = sorted(range(len(rows)), key=lens.__getitem__)
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and lens[i] <= self.GROUP_SPREAD * lens[groups[-1][0]] + bs:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        out = []
+        dev = self.device
+        for group in groups:
+            width = -(-max(lens[i] for i in group) // bs)      # blocks the group's longest decode reads
+            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in group])
+            mask = torch.arange(width * bs)[None, :] < torch.tensor([lens[i] for i in group])[:, None]
+            out.append((torch.tensor([rows[i] for i in group], device=dev), blocks.to(dev),
+                        mask.view(len(group), 1, 1, width * bs).to(dev)))
+        return out
 
     def run(self, step: StepInputs, requests: list[Request]) -> dict[str, int]:
         logits = self.model.forward(step)

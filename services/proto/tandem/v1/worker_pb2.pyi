@@ -42,7 +42,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "gpu_type", "model", "executor", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "block_size", "iterations", "step_time_ms", "finished", "aborted", "max_model_len", "engine_policy")
+    __slots__ = ("worker_id", "gpu_type", "model", "executor", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "block_size", "iterations", "step_time_ms", "finished", "aborted", "max_model_len", "engine_policy", "recent_batch_size", "recent_prefill_tokens", "recent_decode_tokens", "preemptions")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,10 @@ class WorkerStats(_message.Message):
     ABORTED_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     ENGINE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    RECENT_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_DECODE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     gpu_type: str
     model: str
@@ -73,7 +77,11 @@ class WorkerStats(_message.Message):
     aborted: int
     max_model_len: int
     engine_policy: str
-    def __init__(self, worker_id: _Optional[str] = ..., gpu_type: _Optional[str] = ..., model: _Optional[str] = ..., executor: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., iterations: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., finished: _Optional[int] = ..., aborted: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_policy: _Optional[str] = ...) -> None: ...
+    recent_batch_size: float
+    recent_prefill_tokens: float
+    recent_decode_tokens: float
+    preemptions: int
+    def __init__(self, worker_id: _Optional[str] = ..., gpu_type: _Optional[str] = ..., model: _Optional[str] = ..., executor: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., iterations: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., finished: _Optional[int] = ..., aborted: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_policy: _Optional[str] = ..., recent_batch_size: _Optional[float] = ..., recent_prefill_tokens: _Optional[float] = ..., recent_decode_tokens: _Optional[float] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
