@@ -1,7 +1,9 @@
-"""Live workers as the balancer knows them: what they are, their last reported load, and in-flight counts.
+"""Live workers as the balancer knows them: what they are, their last reported load, and in-flight work.
 
 Soft state only: after a balancer restart, workers re-register and the table rebuilds itself. A worker whose
-reports stop for ``timeout_s`` leaves rotation; the clock is injected so tests can move time by hand.
+reports stop for ``timeout_s`` leaves rotation; the clock is injected so tests can move time by hand. Work
+routed by gateways is counted at Route and uncounted at Release, so a burst between two load reports does not
+all land on one worker.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
+
+from services.profiler.latency import LatencyModel
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,7 @@ class WorkerState:
     kv_blocks_total: int = 0
     block_size: int = 16
     engine_policy: str = ""
+    max_num_seqs: int = 256
     # last load report
     running: int = 0
     waiting: int = 0
@@ -36,17 +41,32 @@ class WorkerState:
     draining: bool = False
     # balancer's own view
     outstanding: int = 0                  # routed by gateways, not yet released
+    assigned_work_s: float = 0.0          # predicted worker-seconds of the outstanding requests
+    assigned_tokens: int = 0              # predicted KV tokens (prompt + output) of the outstanding requests
+    routed_since_report: int = 0          # prompt tokens routed here since its last load report
     last_seen: float = 0.0
     generation: int = 0                   # bumps on every (re-)registration
     capacity_tok_s: float = 0.0           # from the Profiler's latency profile; 0 until known
     profile_source: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+    latency: LatencyModel | None = field(default=None, repr=False)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_blocks_total * self.block_size
+
+
+@dataclass(frozen=True)
+class Assignment:
+    worker_id: str
+    work_s: float
+    tokens: int
+    prompt_tokens: int
 
 
 LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens",
                "decode_context_tokens", "iterations", "draining")
 INFO_FIELDS = ("address", "model", "gpu_type", "executor", "max_model_len", "kv_blocks_total", "block_size",
-               "engine_policy")
+               "engine_policy", "max_num_seqs")
 
 
 class Registry:
@@ -54,13 +74,19 @@ class Registry:
         self.clock = clock
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerState] = {}
+        self.assignments: dict[str, Assignment] = {}
 
     def register(self, worker_id: str, **info: object) -> WorkerState:
         old = self.workers.get(worker_id)
         state = WorkerState(worker_id, **{k: v for k, v in info.items() if k in INFO_FIELDS})
         state.kv_blocks_free = state.kv_blocks_total
+        state.max_num_seqs = state.max_num_seqs or 256
         state.last_seen = self.clock()
         state.generation = old.generation + 1 if old else 1
+        if old is not None:               # a re-registration keeps what the balancer already learned
+            state.capacity_tok_s, state.profile_source, state.latency = old.capacity_tok_s, old.profile_source, old.latency
+            state.outstanding, state.assigned_work_s, state.assigned_tokens = \
+                old.outstanding, old.assigned_work_s, old.assigned_tokens
         self.workers[worker_id] = state
         log.info("worker registered", extra={"fields": {"worker_id": worker_id, "gpu_type": state.gpu_type,
                                                           "address": state.address}})
@@ -73,6 +99,7 @@ class Registry:
         for key in LOAD_FIELDS:
             if key in load:
                 setattr(state, key, load[key])
+        state.routed_since_report = 0
         state.last_seen = self.clock()
         return True
 
@@ -96,10 +123,23 @@ class Registry:
         return [s for s in self.workers.values()
                 if not s.draining and now - s.last_seen <= self.timeout_s and s.worker_id not in exclude]
 
-    def acquire(self, worker_id: str) -> None:
-        if (state := self.workers.get(worker_id)) is not None:
-            state.outstanding += 1
+    def acquire(self, request_id: str, assignment: Assignment) -> None:
+        state = self.workers.get(assignment.worker_id)
+        if state is None:
+            return
+        self.release(request_id)          # a retried request replaces its earlier assignment
+        self.assignments[request_id] = assignment
+        state.outstanding += 1
+        state.assigned_work_s += assignment.work_s
+        state.assigned_tokens += assignment.tokens
+        state.routed_since_report += assignment.prompt_tokens
 
-    def release(self, worker_id: str) -> None:
-        if (state := self.workers.get(worker_id)) is not None and state.outstanding > 0:
-            state.outstanding -= 1
+    def release(self, request_id: str) -> None:
+        assignment = self.assignments.pop(request_id, None)
+        if assignment is None:
+            return
+        state = self.workers.get(assignment.worker_id)
+        if state is not None:
+            state.outstanding = max(0, state.outstanding - 1)
+            state.assigned_work_s = max(0.0, state.assigned_work_s - assignment.work_s)
+            state.assigned_tokens = max(0, state.assigned_tokens - assignment.tokens)

@@ -9,8 +9,11 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
-from balancer.routing import RouteContext, make_policy
+from balancer.estimate import kv_tokens_needed, work_seconds
+from balancer.queue import GlobalQueue, QueueFull, Waiter, has_room
+from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Assignment, Registry, WorkerState
+from balancer.route_context import RouteContext
+from balancer.routing import make_policy
 from services import settings as settings_mod
 from services.profiler import profiles
 from services.rpc import balancer_pb2, balancer_pb2_grpc
@@ -35,13 +38,15 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         self.tracer = telemetry.tracer
         self.registry = Registry(time.monotonic, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy)
+        self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at)
         self._background: set[asyncio.Task] = set()
 
     async def reap(self) -> None:
-        """Take silent workers out of rotation; runs for the life of the service."""
+        """Take silent workers out of rotation and bind queued requests; runs for the life of the service."""
         while True:
             self.registry.expire()
-            await asyncio.sleep(min(0.1, self.cfg.worker_timeout_s / 4))
+            self._dispatch()
+            await asyncio.sleep(min(0.05, self.cfg.worker_timeout_s / 4))
 
     async def Register(self, request: balancer_pb2.RegisterWorkerRequest, context: grpc.aio.ServicerContext
                        ) -> balancer_pb2.RegisterWorkerResponse:
@@ -63,7 +68,8 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
             log.warning("no profile for worker", extra={"fields": {"worker_id": state.worker_id, "code": e.code().name}})
             return
         if profile is not None:
-            state.capacity_tok_s = profiles.latency_model(profile).saturated_decode_tok_s()
+            state.latency = profiles.latency_model(profile)
+            state.capacity_tok_s = state.latency.saturated_decode_tok_s()
             state.profile_source = profile.source
 
     async def ReportLoad(self, request_iterator: AsyncIterator[balancer_pb2.LoadReport],
@@ -77,6 +83,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                     generation = state.generation if state else None
                 if not self.registry.report(report.worker_id, **{k: getattr(report, k) for k in LOAD_FIELDS}):
                     await context.abort(grpc.StatusCode.NOT_FOUND, f"worker {report.worker_id!r} is not registered")
+                self._dispatch()
         finally:
             # the stream ending (the worker died or closed it) takes the worker out at once
             if worker_id:
@@ -91,25 +98,79 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
     async def Route(self, request: balancer_pb2.RouteRequest, context: grpc.aio.ServicerContext
                     ) -> balancer_pb2.RouteResponse:
         with self.tracer.start_as_current_span("balancer.route") as span:
-            span.set_attribute("tandem.request_id", request.request_id)
-            span.set_attribute("tandem.slo_class", request.slo_class)
-            candidates = self.registry.routable(frozenset(request.exclude_workers))
+            r = route_context(request)
+            span.set_attributes({"tandem.request_id": r.request_id, "tandem.slo_class": r.slo_class,
+                                 "tandem.tenant": r.tenant})
+            exclude = frozenset(request.exclude_workers)
+            candidates = self.registry.routable(exclude)
             if not candidates:
                 span.set_attribute("tandem.outcome", "no_worker")
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"no worker available ({len(self.registry.workers)} registered, "
-                                    f"{len(request.exclude_workers)} excluded)")
-            choice = self.policy.pick(RouteContext(request.request_id, request.slo_class, request.prompt_chars,
-                                                   request.max_tokens, request.priority, request.tenant),
-                                      candidates)
-            self.registry.acquire(choice.worker_id)
-            span.set_attribute("tandem.worker_id", choice.worker_id)
-            span.set_attribute("tandem.gpu_type", choice.gpu_type)
+                                    f"{len(exclude)} excluded)")
+            need = kv_tokens_needed(r)
+            roomy = [w for w in candidates if has_room(w, need)] if not self.queue.waiters else []
+            if roomy:
+                choice = self._bind(r, roomy)
+            else:
+                choice = await self._wait_in_queue(r, exclude, context, span)
+            span.set_attributes({"tandem.worker_id": choice.worker_id, "tandem.gpu_type": choice.gpu_type})
             return balancer_pb2.RouteResponse(worker_id=choice.worker_id, address=choice.address)
+
+    async def _wait_in_queue(self, r: RouteContext, exclude: frozenset[str], context: grpc.aio.ServicerContext,
+                             span: object) -> WorkerState:
+        deadline = time.monotonic() + (r.ttft_ms or r.e2e_ms or 60_000) / 1000
+        try:
+            waiter, evicted = self.queue.push(r, exclude, deadline)
+        except QueueFull as e:
+            await self._shed(context, str(e))
+        for victim in evicted:
+            victim.future.set_exception(QueueFull("evicted from the queue by a more important request"))
+        span.add_event("queued", {"tandem.queue_length": len(self.queue)})
+        self._dispatch()
+        try:
+            return await waiter.future
+        except QueueFull as e:
+            await self._shed(context, str(e))
+        except asyncio.CancelledError:   # the caller gave up (deadline, cancel): undo a binding it never used
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self.registry.release(r.request_id)
+            raise
+        finally:
+            self.queue.remove(waiter)
+
+    def _bind(self, r: RouteContext, roomy: list[WorkerState]) -> WorkerState:
+        choice = self.policy.route(r, roomy)
+        need = kv_tokens_needed(r)
+        self.registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need,
+                                                       r.prompt_tokens))
+        self.queue.charge(r.tenant, need)
+        return choice
+
+    def _dispatch(self) -> None:
+        """Bind queued requests, in queue order, while some worker has room for the head."""
+        for waiter in self.queue.ordered():
+            if waiter.future.done():
+                self.queue.remove(waiter)
+                continue
+            need = kv_tokens_needed(waiter.request)
+            roomy = [w for w in self.registry.routable(waiter.exclude) if has_room(w, need)]
+            if not roomy:
+                break
+            waiter.future.set_result(self._bind(waiter.request, roomy))
+            self.queue.remove(waiter)
+
+    async def _shed(self, context: grpc.aio.ServicerContext, why: str) -> None:
+        workers = list(self.registry.workers.values())
+        backlog = sum(w.assigned_work_s for w in workers) / max(1, len(workers))
+        retry_ms = int(min(30_000, max(100, backlog * 1000)))
+        context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in about {retry_ms} ms")
 
     async def Release(self, request: balancer_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
                       ) -> balancer_pb2.ReleaseResponse:
-        self.registry.release(request.worker_id)
+        self.registry.release(request.request_id)
+        self._dispatch()
         return balancer_pb2.ReleaseResponse()
 
     async def ListWorkers(self, request: balancer_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
@@ -118,6 +179,17 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         workers = sorted(self.registry.workers.values(), key=lambda s: s.worker_id)
         return balancer_pb2.ListWorkersResponse(workers=[worker_status(s, now) for s in workers],
                                                 routing_policy=self.cfg.routing_policy)
+
+
+def route_context(request: balancer_pb2.RouteRequest) -> RouteContext:
+    lengths = list(request.predicted_length.lengths)
+    slo = request.slo
+    return RouteContext(
+        request_id=request.request_id, slo_class=request.slo_class,
+        prompt_tokens=request.prompt_tokens_estimate or max(1, request.prompt_chars // 4),
+        max_tokens=request.max_tokens, predicted_output=lengths[len(lengths) // 2] if lengths else 0.0,
+        priority=request.priority, tenant=request.tenant, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
+        e2e_ms=slo.e2e_ms, sheddable=request.sheddable or slo.sheddable, prefix_hashes=tuple(request.prefix_hashes))
 
 
 def main(argv: Sequence[str] = ()) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
+import zlib
 from typing import Sequence
 
 import grpc
@@ -39,6 +40,19 @@ class WorkerFailedEarly(Exception):
         super().__init__(f"{worker_id}: {error.code().name} {error.details()}")
         self.worker_id = worker_id
         self.error = error
+
+
+PREFIX_BLOCK_CHARS = 64
+PREFIX_BLOCKS = 8
+
+
+def prefix_hashes(prompt: str) -> list[int]:
+    """Chained CRC32s of the prompt's leading 64-character blocks, for prefix-affinity routing."""
+    hashes, h = [], 0
+    for i in range(0, min(len(prompt), PREFIX_BLOCK_CHARS * PREFIX_BLOCKS), PREFIX_BLOCK_CHARS):
+        h = zlib.crc32(prompt[i:i + PREFIX_BLOCK_CHARS].encode(), h)
+        hashes.append(h)
+    return hashes
 
 
 class Relay:
@@ -107,7 +121,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             route = balancer_pb2.RouteRequest(request_id=request_id, slo_class=slo_class,
                                               prompt_chars=len(request.prompt), max_tokens=max_tokens,
                                               priority=request.priority, tenant=tenant,
-                                              predicted_length=worker_request.predicted_length)
+                                              predicted_length=worker_request.predicted_length,
+                                              prompt_tokens_estimate=max(1, len(request.prompt) // 4),
+                                              slo=worker_request.slo, sheddable=slo.sheddable,
+                                              prefix_hashes=prefix_hashes(request.prompt))
             await self._run(worker_request, route, relay, context, span)
 
     async def ClusterStatus(self, request: gateway_pb2.ClusterStatusRequest, context: grpc.aio.ServicerContext
@@ -164,13 +181,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _attempt(self, worker_request: worker_pb2.WorkerGenerateRequest, route: balancer_pb2.RouteRequest,
                        relay: Relay, context: grpc.aio.ServicerContext) -> None:
-        remaining = context.time_remaining()
-        try:
-            choice = await self.balancer.Route(route, timeout=min(remaining or 5.0, 5.0),
+        try:   # may wait in the balancer's queue until a worker has room
+            choice = await self.balancer.Route(route, timeout=context.time_remaining() or self.cfg.queue_wait_s,
                                                metadata=self.telemetry.outgoing_metadata())
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and route.exclude_workers:
                 raise WorkerFailedEarly("balancer", e) from None
+            hint = [(k, v) for k, v in (e.trailing_metadata() or ()) if k == "retry-after-ms"]
+            if hint:
+                context.set_trailing_metadata(tuple(hint))
             await context.abort(e.code(), f"balancer: {e.details()}")
         relay.worker_id = choice.worker_id
         call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining(),

@@ -33,6 +33,8 @@ class BalancerSettings(ServiceSettings):
     worker_timeout_s: float = Field(1.5, gt=0, description="a worker silent this long leaves rotation")
     report_interval_s: float = Field(0.2, gt=0, description="how often workers should report load")
     profiler_address: str = ""
+    queue_limit: int = Field(512, gt=0, description="requests that may wait at the balancer for a worker")
+    shed_at: float = Field(0.5, ge=0, le=1, description="queue share above which sheddable requests are refused")
 
 
 class WorkerSettings(ServiceSettings):
@@ -64,6 +66,7 @@ class GatewaySettings(ServiceSettings):
     max_prompt_bytes: int = Field(1024 * 1024, gt=0)
     max_stop_strings: int = Field(8, ge=0)
     retry_attempts: int = Field(3, ge=1, description="workers tried before the first token")
+    queue_wait_s: float = Field(120.0, gt=0, description="longest wait at the balancer without a client deadline")
     predict_timeout_ms: float = Field(20.0, gt=0, description="bound on the length-prediction look-up")
     slo_classes: dict[str, SloClass] = Field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: open")

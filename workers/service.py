@@ -262,7 +262,7 @@ async def build_worker(cfg: settings_mod.WorkerSettings) -> ServiceHost:
         worker_id=cfg.worker_id, address=cfg.advertise_address or host.address, model=cfg.model,
         gpu_type=cfg.gpu_type, executor=cfg.executor, max_model_len=engine.scheduler.config.max_model_len,
         kv_blocks_total=engine.scheduler.blocks.num_blocks, block_size=cfg.block_size,
-        engine_policy=cfg.engine_policy)) if cfg.balancer_address else None
+        engine_policy=cfg.engine_policy, max_num_seqs=cfg.max_num_seqs)) if cfg.balancer_address else None
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:

@@ -1,6 +1,9 @@
 """Routing policies, found by name. Importing this package registers every built-in policy."""
 
-from balancer.routing import least_outstanding, round_robin  # noqa: F401  (registers)
-from balancer.routing.base import RouteContext, RoutingPolicy, make_policy, policy_names, register
+from balancer.routing import (  # noqa: F401  (registers)
+    adaptive, capacity, least_kv, least_outstanding, power_of_two, prefix_affinity, random_choice, round_robin,
+    token_aware)
+from balancer.routing.base import RoutingPolicy, make_policy, policy_names, register
+from balancer.route_context import RouteContext
 
 __all__ = ["RouteContext", "RoutingPolicy", "make_policy", "policy_names", "register"]

@@ -1,29 +1,30 @@
-"""The routing policy interface and its name registry.
+"""The routing policy interface and its name registry: filters, then the policy's scorer and picker.
 
-A policy sees the request and the routable workers (already filtered for liveness and exclusions) and picks
-one. It is pure: no I/O, no clock reads, so the live balancer and the simulator run the same object.
+A policy sees the request and the routable workers (already filtered for liveness and exclusions). Unless it
+is a baseline, the SLO filter runs first, so a request is not sent where it is predicted to miss its target
+while another worker would meet it. Policies are pure: no I/O, no clock reads, randomness from a seeded
+generator, so the live balancer and the simulator run the same objects.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Sequence, TypeVar
 
 from balancer.registry import WorkerState
-
-
-@dataclass(frozen=True)
-class RouteContext:
-    request_id: str = ""
-    slo_class: str = ""
-    prompt_chars: int = 0
-    max_tokens: int = 0
-    priority: int = 0
-    tenant: str = ""
+from balancer.route_context import RouteContext
+from balancer.routing.filters import slo_feasible
 
 
 class RoutingPolicy:
     name: ClassVar[str] = ""
+    slo_aware: ClassVar[bool] = True          # baselines (round robin, random) route blind, as plain LBs do
+
+    def route(self, request: RouteContext, candidates: Sequence[WorkerState]) -> WorkerState:
+        if not candidates:
+            raise ValueError("no candidates")
+        if self.slo_aware:
+            candidates = slo_feasible(request, candidates)
+        return self.pick(request, candidates)
 
     def pick(self, request: RouteContext, candidates: Sequence[WorkerState]) -> WorkerState:
         raise NotImplementedError
@@ -46,6 +47,7 @@ def policy_names() -> list[str]:
 
 def make_policy(name: str, **options: object) -> RoutingPolicy:
     try:
-        return _REGISTRY[name](**options)
+        cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}") from None
+    return cls(**options)

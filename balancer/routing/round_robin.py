@@ -1,4 +1,4 @@
-"""Round robin over the routable workers, in worker-id order: what a plain load balancer does."""
+"""Round robin over the routable workers, in worker-id order: what a plain load balancer does (baseline)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from balancer.routing.base import RouteContext, RoutingPolicy, register
 @register
 class RoundRobin(RoutingPolicy):
     name = "round_robin"
+    slo_aware = False
 
     def __init__(self) -> None:
         self._next = 0

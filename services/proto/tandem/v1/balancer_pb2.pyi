@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "address", "model", "gpu_type", "executor", "max_model_len", "kv_blocks_total", "block_size", "engine_policy")
+    __slots__ = ("worker_id", "address", "model", "gpu_type", "executor", "max_model_len", "kv_blocks_total", "block_size", "engine_policy", "max_num_seqs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class WorkerInfo(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     model: str
@@ -27,7 +28,8 @@ class WorkerInfo(_message.Message):
     kv_blocks_total: int
     block_size: int
     engine_policy: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., max_model_len: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., engine_policy: _Optional[str] = ...) -> None: ...
+    max_num_seqs: int
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., max_model_len: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., engine_policy: _Optional[str] = ..., max_num_seqs: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("worker",)
@@ -80,7 +82,7 @@ class DeregisterWorkerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "slo_class", "prompt_chars", "max_tokens", "priority", "tenant", "exclude_workers", "predicted_length")
+    __slots__ = ("request_id", "slo_class", "prompt_chars", "max_tokens", "priority", "tenant", "exclude_workers", "predicted_length", "prompt_tokens_estimate", "slo", "prefix_hashes", "sheddable")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -89,6 +91,10 @@ class RouteRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_ESTIMATE_FIELD_NUMBER: _ClassVar[int]
+    SLO_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
+    SHEDDABLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     slo_class: str
     prompt_chars: int
@@ -97,7 +103,11 @@ class RouteRequest(_message.Message):
     tenant: str
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
     predicted_length: _common_pb2.LengthPrediction
-    def __init__(self, request_id: _Optional[str] = ..., slo_class: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ...) -> None: ...
+    prompt_tokens_estimate: int
+    slo: _common_pb2.SloSpec
+    prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
+    sheddable: bool
+    def __init__(self, request_id: _Optional[str] = ..., slo_class: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ..., prompt_tokens_estimate: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SloSpec, _Mapping]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., sheddable: _Optional[bool] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("worker_id", "address")

@@ -1,0 +1,94 @@
+"""The balancer's bounded global queue: late binding, priority then fairness then deadline, shedding.
+
+A request waits here, not in some worker's queue, when no worker has room for it; it is bound to a worker
+only when one does, so it goes to whichever frees up first. Order: priority (higher first), then the tenant's
+virtual token counter (VTC: tokens already served to that tenant, so one tenant's flood cannot starve the
+others), then the SLO deadline. Sheddable requests may only use the queue below ``shed_at``; when the queue
+is full a non-sheddable request evicts the last sheddable one, else it too is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+from balancer.registry import WorkerState
+from balancer.route_context import RouteContext
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Waiter:
+    request: RouteContext
+    exclude: frozenset[str]
+    deadline: float                         # SLO deadline on the balancer's clock
+    seq: int
+    future: asyncio.Future = field(repr=False)
+
+
+class GlobalQueue:
+    def __init__(self, limit: int, shed_at: float = 0.5) -> None:
+        if limit <= 0:
+            raise ValueError("queue limit must be positive")
+        self.limit = limit
+        self.shed_at = shed_at
+        self.waiters: list[Waiter] = []
+        self.vtc: dict[str, float] = {}
+        self._seq = itertools.count()
+        self.shed = 0
+
+    def __len__(self) -> int:
+        return len(self.waiters)
+
+    def key(self, w: Waiter) -> tuple:
+        return (-w.request.priority, self.vtc.get(w.request.tenant, 0.0), w.deadline, w.seq)
+
+    def ordered(self) -> list[Waiter]:
+        return sorted(self.waiters, key=self.key)
+
+    def push(self, request: RouteContext, exclude: frozenset[str], deadline: float) -> tuple[Waiter, list[Waiter]]:
+        """Queue ``request``; returns its waiter and any sheddable waiters it evicted. Raises QueueFull."""
+        evicted: list[Waiter] = []
+        if request.sheddable and len(self.waiters) >= self.shed_at * self.limit:
+            self.shed += 1
+            raise QueueFull(f"cluster saturated: {len(self.waiters)} requests queued")
+        if len(self.waiters) >= self.limit:
+            sheddable = [w for w in self.ordered() if w.request.sheddable]
+            if request.sheddable or not sheddable:
+                self.shed += 1
+                raise QueueFull(f"queue full ({self.limit} requests)")
+            victim = sheddable[-1]
+            self.remove(victim)
+            evicted.append(victim)
+        self._activate(request.tenant)
+        waiter = Waiter(request, exclude, deadline, next(self._seq), asyncio.get_running_loop().create_future())
+        self.waiters.append(waiter)
+        return waiter, evicted
+
+    def remove(self, waiter: Waiter) -> None:
+        if waiter in self.waiters:
+            self.waiters.remove(waiter)
+
+    def charge(self, tenant: str, tokens: float) -> None:
+        """Count tokens served to ``tenant`` (VTC)."""
+        self.vtc[tenant] = self.vtc.get(tenant, 0.0) + tokens
+
+    def _activate(self, tenant: str) -> None:
+        """A tenant that (re)joins the queue starts from the least counter among queued tenants, not from a
+        stale low value that would let it jump ahead of everyone (VTC's lift rule)."""
+        active = {w.request.tenant for w in self.waiters}
+        if tenant in active or not active:
+            return
+        floor = min(self.vtc.get(t, 0.0) for t in active)
+        self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), floor)
+
+
+def has_room(w: WorkerState, tokens_needed: int) -> bool:
+    """A free sequence slot and unpromised KV for the request; an idle worker always has room."""
+    if w.outstanding == 0:
+        return True
+    return w.outstanding < w.max_num_seqs and w.kv_capacity_tokens - w.assigned_tokens >= tokens_needed
