@@ -64,6 +64,7 @@ class GlobalQueue:
             victim = sheddable[-1]
             self.remove(victim)
             evicted.append(victim)
+            self.shed += 1
         self._activate(request.tenant)
         waiter = Waiter(request, exclude, deadline, next(self._seq), asyncio.get_running_loop().create_future())
         self.waiters.append(waiter)

@@ -178,7 +178,8 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         now = time.monotonic()
         workers = sorted(self.registry.workers.values(), key=lambda s: s.worker_id)
         return balancer_pb2.ListWorkersResponse(workers=[worker_status(s, now) for s in workers],
-                                                routing_policy=self.cfg.routing_policy)
+                                                routing_policy=self.cfg.routing_policy, queue_length=len(self.queue),
+                                                queue_limit=self.queue.limit, shed_total=self.queue.shed)
 
 
 def route_context(request: balancer_pb2.RouteRequest) -> RouteContext:

@@ -133,7 +133,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             listing = await self.balancer.ListWorkers(balancer_pb2.ListWorkersRequest(), timeout=2)
         except grpc.aio.AioRpcError as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"balancer: {e.details()}")
-        return gateway_pb2.ClusterStatusResponse(workers=listing.workers, routing_policy=listing.routing_policy)
+        return gateway_pb2.ClusterStatusResponse(workers=listing.workers, routing_policy=listing.routing_policy,
+                                                 queue_length=listing.queue_length, queue_limit=listing.queue_limit,
+                                                 shed_total=listing.shed_total)
 
     # ----- the request's way -------------------------------------------------------------------------
     def _validate(self, request: gateway_pb2.GenerateRequest, slo_class: str) -> None:

@@ -171,7 +171,8 @@ def status(address: str = typer.Option("127.0.0.1:50051", help="gateway address"
     except grpc.RpcError as e:
         console.print(f"[red]{e.code().name}: {e.details()}[/red]")
         raise typer.Exit(1) from None
-    table = Table(title=f"{len(reply.workers)} workers, routing: {reply.routing_policy}")
+    table = Table(title=f"{len(reply.workers)} workers, routing: {reply.routing_policy}, queue "
+                        f"{reply.queue_length}/{reply.queue_limit}, shed {reply.shed_total}")
     for col in ("worker", "address", "GPU", "model", "executor", "capacity tok/s", "running", "waiting",
                 "in flight", "KV used", "step ms", "report age s", "state"):
         table.add_column(col)

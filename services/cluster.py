@@ -47,6 +47,8 @@ class ClusterSpec(BaseModel):
 
     routing_policy: str = "least_outstanding"
     engine_policy: str = "fcfs"
+    queue_limit: int = Field(512, gt=0)
+    shed_at: float = Field(0.5, ge=0, le=1)
     slo_classes: dict[str, SloClass] | None = None
     workers: list[WorkerSpec] = Field(min_length=1)
 

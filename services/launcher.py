@@ -75,6 +75,8 @@ class LocalStack:
         try:
             self._launch("profiler", [], deadline)
             self._launch("balancer", ["--routing-policy", self.cluster.routing_policy,
+                                      "--queue-limit", str(self.cluster.queue_limit),
+                                      "--shed-at", str(self.cluster.shed_at),
                                       "--profiler-address", self.profiler_address], deadline)
             for spec in self.cluster.workers:
                 self.start_worker(spec, wait=False)

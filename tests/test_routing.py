@@ -224,12 +224,13 @@ def test_queue_sheds_sheddable_first_and_stays_bounded():
         q.push(RouteContext("i2"), frozenset(), 1.0)
         _, evicted = q.push(RouteContext("i3"), frozenset(), 1.0)    # full: evicts a sheddable one
         assert [w.request.request_id for w in evicted] == ["s2"] and len(q) == 4
-        q.push(RouteContext("i4"), frozenset(), 1.0)
+        _, evicted = q.push(RouteContext("i4"), frozenset(), 1.0)    # and the last sheddable one
+        assert [w.request.request_id for w in evicted] == ["s1"]
         with pytest.raises(QueueFull):                 # full of non-sheddable requests: refused
             q.push(RouteContext("i5"), frozenset(), 1.0)
         return len(q), q.shed
 
-    assert asyncio.run(main()) == (4, 2)
+    assert asyncio.run(main()) == (4, 4)           # two refused, two evicted
 
 
 def test_vtc_lifts_a_returning_tenant_to_the_active_floor():

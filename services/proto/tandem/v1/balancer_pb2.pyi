@@ -152,9 +152,15 @@ class WorkerStatus(_message.Message):
     def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., outstanding: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., state: _Optional[str] = ..., capacity_tok_s: _Optional[float] = ..., profile_source: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "routing_policy")
+    __slots__ = ("workers", "routing_policy", "queue_length", "queue_limit", "shed_total")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     routing_policy: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ...) -> None: ...
+    queue_length: int
+    queue_limit: int
+    shed_total: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., queue_length: _Optional[int] = ..., queue_limit: _Optional[int] = ..., shed_total: _Optional[int] = ...) -> None: ...

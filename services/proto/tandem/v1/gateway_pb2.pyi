@@ -55,9 +55,15 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("workers", "routing_policy")
+    __slots__ = ("workers", "routing_policy", "queue_length", "queue_limit", "shed_total")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[_balancer_pb2.WorkerStatus]
     routing_policy: str
-    def __init__(self, workers: _Optional[_Iterable[_Union[_balancer_pb2.WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ...) -> None: ...
+    queue_length: int
+    queue_limit: int
+    shed_total: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[_balancer_pb2.WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., queue_length: _Optional[int] = ..., queue_limit: _Optional[int] = ..., shed_total: _Optional[int] = ...) -> None: ...
