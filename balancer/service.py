@@ -68,7 +68,10 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
             log.warning("no profile for worker", extra={"fields": {"worker_id": state.worker_id, "code": e.code().name}})
             return
         if profile is not None:
-            state.latency = profiles.latency_model(profile)
+            try:
+                state.latency = profiles.latency_model(profile)
+            except KeyError:      # a checkpoint outside the catalog: routed by its reports alone
+                return
             state.capacity_tok_s = state.latency.saturated_decode_tok_s()
             state.profile_source = profile.source
 
@@ -109,7 +112,10 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                                     f"no worker available ({len(self.registry.workers)} registered, "
                                     f"{len(exclude)} excluded)")
             need = kv_tokens_needed(r)
-            roomy = [w for w in candidates if has_room(w, need)] if not self.queue.waiters else []
+            if not self.policy.late_binding:
+                roomy = candidates
+            else:
+                roomy = [w for w in candidates if has_room(w, need)] if not self.queue.waiters else []
             if roomy:
                 choice = self._bind(r, roomy)
             else:

@@ -225,6 +225,30 @@ def demo(cluster: Optional[Path] = typer.Option(None, help="cluster file; defaul
         raise typer.Exit(2) from None
 
 
+@app.command()
+def calibrate(worker: str = typer.Argument(..., help="host:port of the worker to profile (idle is best)"),
+              profiler: str = typer.Option(..., help="host:port of the Profiler"),
+              repeats: int = typer.Option(5, min=1)) -> None:
+    """Profile a worker with probe batches, fit its latency model and store it in the Profiler."""
+    import grpc
+
+    from services.rpc import profiler_pb2, profiler_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(profiler) as channel, console.status(f"profiling {worker} ..."):
+            reply = profiler_pb2_grpc.ProfilerStub(channel).Calibrate(
+                profiler_pb2.CalibrateRequest(worker_address=worker, repeats=repeats), timeout=1800)
+    except grpc.RpcError as e:
+        console.print(f"[red]{e.code().name}: {e.details()}[/red]")
+        raise typer.Exit(1) from None
+    p = reply.profile
+    console.print(f"{p.model} on {p.gpu_type} ({p.executor}): {reply.probes} probes\n"
+                  f"  prefill(P) = {p.prefill_a0:.3f} + {p.prefill_a1:.5f}*P ms   (median error "
+                  f"{reply.prefill_median_error:.1%})\n"
+                  f"  decode(b, C) = {p.decode_c0:.3f} + {p.decode_c1:.4f}*b + {p.decode_c2:.6f}*C ms   "
+                  f"(median error {reply.decode_median_error:.1%})")
+
+
 @app.command("make-checkpoint")
 def make_checkpoint(path: Path = typer.Argument(..., help="folder to write"),
                     hidden_size: int = typer.Option(64), layers: int = typer.Option(2), heads: int = typer.Option(4),

@@ -48,6 +48,7 @@ class LocalStack:
     log_dir: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
+    profiles_db: Path | None = None         # default: beside the logs, so test stacks start uncalibrated
     processes: dict[str, Process] = field(default_factory=dict)
 
     # ----- addresses ---------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ class LocalStack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + timeout
         try:
-            self._launch("profiler", [], deadline)
+            self._launch("profiler", ["--db-path", str(self.profiles_db or self.log_dir / "profiles.sqlite")], deadline)
             self._launch("balancer", ["--routing-policy", self.cluster.routing_policy,
                                       "--queue-limit", str(self.cluster.queue_limit),
                                       "--shed-at", str(self.cluster.shed_at),

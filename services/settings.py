@@ -25,7 +25,7 @@ class ServiceSettings(BaseSettings):
 
 
 class ProfilerSettings(ServiceSettings):
-    pass
+    db_path: str = Field(".tandem/profiles.sqlite", description="SQLite file of calibrated profiles")
 
 
 class BalancerSettings(ServiceSettings):

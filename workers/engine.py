@@ -77,6 +77,7 @@ class Engine:
         self.on_iteration = on_iteration
         self._streams: dict[str, RequestStream] = {}
         self._wake = asyncio.Event()
+        self.step_lock = asyncio.Lock()      # held for each iteration; calibration probes take it in between
         self._stopped = False
         self._accepting = True
         self.iterations = 0
@@ -130,21 +131,22 @@ class Engine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            out = self.scheduler.schedule()
-            if not out.scheduled:
-                # nothing fits this instant (all blocks held by requests being aborted); let others run
-                await asyncio.sleep(0.001)
-                continue
-            start = self.clock.now()
-            try:
-                sampled = await self.executor.execute(out)
-            except Exception:
-                log.exception("executor failed; aborting the batch")
-                for item in out.scheduled:
-                    self.abort(item.request.request_id)
-                continue
-            step = self.clock.now() - start
-            self._deliver(self.scheduler.update(out, sampled))
+            async with self.step_lock:
+                out = self.scheduler.schedule()
+                if not out.scheduled:
+                    # nothing fits this instant (all blocks held by requests being aborted); let others run
+                    await asyncio.sleep(0.001)
+                    continue
+                start = self.clock.now()
+                try:
+                    sampled = await self.executor.execute(out)
+                except Exception:
+                    log.exception("executor failed; aborting the batch")
+                    for item in out.scheduled:
+                        self.abort(item.request.request_id)
+                    continue
+                step = self.clock.now() - start
+                self._deliver(self.scheduler.update(out, sampled))
             self.iterations += 1
             ms = step * 1000.0
             self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms

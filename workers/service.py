@@ -24,10 +24,16 @@ from services.profiler import profiles
 from workers.build import build_engine
 from workers.clock import RealClock
 from workers.engine import Engine, IterationStats
+from services.profiler.fit import Probe
+from workers.probe import ProbeError, run_probes
 from workers.request import Request, SamplingParams, SloTarget
 from workers.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
+
+
+class TooLarge(Exception):
+    """A request this worker's KV cache can never hold, however empty."""
 
 
 class WallTime:
@@ -62,6 +68,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             engine_request = self._to_engine_request(request, arrival)
         except Invalid as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except TooLarge as e:     # valid, but not for this worker's KV cache: the gateway tries another worker
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         rid = engine_request.request_id
         with self.telemetry.server_span("worker.generate", context.invocation_metadata()) as span:
             span.set_attributes({"tandem.request_id": rid, "tandem.worker_id": self.cfg.worker_id,
@@ -113,6 +121,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     ) -> worker_pb2.AbortResponse:
         return worker_pb2.AbortResponse(found=self.engine.abort(request.request_id))
 
+    async def Profile(self, request: worker_pb2.ProfileRequest, context: grpc.aio.ServicerContext
+                      ) -> worker_pb2.ProfileResponse:
+        probes = [Probe(p.prefill_tokens, p.batch, p.context) for p in request.probes]
+        if not probes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "probes: at least one probe is needed")
+        try:
+            seconds = await run_probes(self.engine, probes, request.repeats or 5)
+        except ProbeError as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        blocks = self.engine.scheduler.blocks
+        return worker_pb2.ProfileResponse(
+            results=[worker_pb2.ProbeResult(probe=spec, step_ms=t * 1000) for spec, t in zip(request.probes, seconds)],
+            worker_id=self.cfg.worker_id, model=self.cfg.model, gpu_type=self.cfg.gpu_type, executor=self.cfg.executor,
+            kv_capacity_tokens=blocks.num_blocks * blocks.block_size)
+
     # ----- helpers -----------------------------------------------------------------------------------
     def _to_engine_request(self, request: worker_pb2.WorkerGenerateRequest, arrival: float) -> Request:
         sp = request.sampling
@@ -126,7 +149,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         check_lengths(len(prompt_ids), sp.max_tokens, self.engine.scheduler.config.max_model_len)
         need = -(-(len(prompt_ids) + sp.max_tokens) // blocks.block_size)
         if need > blocks.num_blocks:
-            raise Invalid("prompt", f"with max_tokens needs {need} KV blocks; this worker has {blocks.num_blocks}")
+            raise TooLarge(f"prompt and max_tokens need {need} KV blocks; worker {self.cfg.worker_id} has "
+                           f"{blocks.num_blocks}")
         slo = request.slo
         lengths = list(request.predicted_length.lengths)
         return Request(

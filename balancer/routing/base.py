@@ -18,6 +18,9 @@ from balancer.routing.filters import slo_feasible
 class RoutingPolicy:
     name: ClassVar[str] = ""
     slo_aware: ClassVar[bool] = True          # baselines (round robin, random) route blind, as plain LBs do
+    #: Bind a request only to a worker with room, waiting in the balancer's queue otherwise. Baselines route
+    #: at once to any live worker and let requests queue there, as a plain load balancer in front of vLLM does.
+    late_binding: ClassVar[bool] = True
 
     def route(self, request: RouteContext, candidates: Sequence[WorkerState]) -> WorkerState:
         if not candidates:

@@ -13,6 +13,7 @@ from balancer.routing.base import RouteContext, RoutingPolicy, register
 class RandomChoice(RoutingPolicy):
     name = "random"
     slo_aware = False
+    late_binding = False
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)

@@ -12,6 +12,7 @@ from balancer.routing.base import RouteContext, RoutingPolicy, register
 class RoundRobin(RoutingPolicy):
     name = "round_robin"
     slo_aware = False
+    late_binding = False
 
     def __init__(self) -> None:
         self._next = 0

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from services.profiler.catalog import GpuSpec, ModelSpec, gpu, model
+from services.profiler.fit import FittedLatency
 
 DEFAULT_MFU = 0.6
 DEFAULT_MBU = 0.75
@@ -40,6 +41,7 @@ class LatencyModel:
     mfu: float = DEFAULT_MFU
     mbu: float = DEFAULT_MBU
     overhead_s: float = DEFAULT_OVERHEAD_S
+    fitted: FittedLatency | None = None      # calibrated coefficients; replace the roofline when set
 
     @classmethod
     def from_names(cls, gpu_type: str, model_name: str, **kw: float) -> "LatencyModel":
@@ -47,6 +49,15 @@ class LatencyModel:
 
     def step_time(self, shape: BatchShape) -> float:
         """Seconds for one engine iteration over ``shape``."""
+        if self.fitted is not None:
+            prefill = decode = context = 0
+            for new, ctx in zip(shape.new_tokens, shape.context_before):
+                if new == 1 and ctx > 0:
+                    decode += 1
+                    context += ctx
+                else:
+                    prefill += new
+            return self.fitted.predict(prefill, decode, context)
         m = self.model
         flops = 0.0
         kv_read = 0
@@ -81,3 +92,26 @@ class LatencyModel:
         """
         batch = max(1, min(max_batch, self.kv_capacity_tokens() // max(1, context)))
         return batch / self.decode_time(batch, context)
+
+    def saturated_throughput(self, mean_input: float, mean_output: float, max_num_seqs: int = 256) -> float:
+        """Output tokens/s at saturation for a length mix: a roofline upper bound, at the best batch size.
+
+        With b requests in flight, a cycle runs ``mean_output`` decode steps while the b prefills ride along
+        (chunked prefill): it takes at least the larger of all its flops at peak * mfu and all its bytes
+        (weights and KV read once per step) at bandwidth * mbu, plus the per-step overhead.
+        """
+        m = self.model
+        I, O = mean_input, mean_output
+        most = max(1, min(max_num_seqs, int(self.kv_capacity_tokens() // max(1.0, I + O))))
+        context = I + O / 2
+        best = 0.0
+        for b in sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, most}):
+            if b > most:
+                continue
+            attention = 4.0 * m.n_layers * m.hidden_size * b * (I * I / 2 + O * context)
+            flops = 2.0 * m.n_params * b * (I + O) + attention
+            moved = O * (m.weight_bytes + m.kv_bytes_per_token * b * context)
+            cycle = max(flops / (self.gpu.peak_tflops * 1e12 * self.mfu),
+                        moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu)) + O * self.overhead_s
+            best = max(best, b * O / cycle)
+        return best

@@ -8,6 +8,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from services import rpc
 from services.profiler.catalog import gpu, model
+from services.profiler.fit import FittedLatency
 from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, LatencyModel
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
@@ -21,8 +22,12 @@ def datasheet_profile(model_name: str, gpu_type: str, executor: str = "sim") -> 
 
 
 def latency_model(profile: profiler_pb2.LatencyProfile) -> LatencyModel:
+    """The model a profile describes; KeyError when its model or GPU is outside the catalog."""
+    fitted = FittedLatency(profile.prefill_a0 / 1000, profile.prefill_a1 / 1000, profile.decode_c0 / 1000,
+                           profile.decode_c1 / 1000, profile.decode_c2 / 1000) if profile.fitted else None
     return LatencyModel(gpu(profile.gpu_type), model(profile.model), mfu=profile.mfu or DEFAULT_MFU,
-                        mbu=profile.mbu or DEFAULT_MBU, overhead_s=profile.overhead_ms / 1000 or DEFAULT_OVERHEAD_S)
+                        mbu=profile.mbu or DEFAULT_MBU, overhead_s=profile.overhead_ms / 1000 or DEFAULT_OVERHEAD_S,
+                        fitted=fitted)
 
 
 async def fetch(address: str, model_name: str, gpu_type: str, executor: str, attempts: int = 10

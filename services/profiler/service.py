@@ -10,26 +10,62 @@ import grpc
 from services import settings as settings_mod
 from services.profiler import priors
 from services.profiler.catalog import GPUS, MODELS
+from services import rpc
+from services.profiler.fit import Probe, default_probes, fit
 from services.profiler.profiles import datasheet_profile
-from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc
+from services.profiler.store import ProfileStore
+from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.server import ServiceHost, run_service
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
-    def __init__(self, history_size: int = 100_000) -> None:
+    def __init__(self, store: ProfileStore, history_size: int = 100_000) -> None:
+        self.store = store
         self.history: collections.deque[profiler_pb2.CompletionRecord] = collections.deque(maxlen=history_size)
 
     async def GetProfile(self, request: profiler_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
                          ) -> profiler_pb2.LatencyProfile:
+        """The calibrated profile when there is one, else the datasheet's; NOT_FOUND for an unknown pair."""
+        stored = self.store.get(request.model, request.gpu_type, request.executor)
+        if stored is not None:
+            return stored
         try:
             return datasheet_profile(request.model, request.gpu_type, request.executor)
         except KeyError as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e.args[0]))
 
+    async def Calibrate(self, request: profiler_pb2.CalibrateRequest, context: grpc.aio.ServicerContext
+                        ) -> profiler_pb2.CalibrateResponse:
+        try:
+            async with rpc.channel(request.worker_address) as channel:
+                worker = worker_pb2_grpc.WorkerStub(channel)
+                stats = await worker.GetStats(worker_pb2.GetStatsRequest(), timeout=5)
+                kv_tokens = stats.kv_blocks_total * stats.block_size
+                probes = default_probes(max_prefill=min(2048, stats.max_model_len - 1), max_batch=64,
+                                        max_context=stats.max_model_len, kv_tokens=kv_tokens)
+                reply = await worker.Profile(worker_pb2.ProfileRequest(
+                    probes=[worker_pb2.ProbeSpec(prefill_tokens=p.prefill_tokens, batch=p.batch, context=p.context)
+                            for p in probes], repeats=request.repeats or 5), timeout=900)
+        except grpc.aio.AioRpcError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE if e.code() == grpc.StatusCode.UNAVAILABLE else e.code(),
+                                f"worker {request.worker_address}: {e.details()}")
+        fitted, prefill_error, decode_error = fit(probes, [r.step_ms / 1000 for r in reply.results])
+        try:
+            profile = datasheet_profile(reply.model, reply.gpu_type, reply.executor)
+        except KeyError:          # a checkpoint folder or GPU outside the catalog: the fit is all we know
+            profile = profiler_pb2.LatencyProfile(model=reply.model, gpu_type=reply.gpu_type, executor=reply.executor)
+        profile.source, profile.fitted, profile.kv_capacity_tokens = "calibrated", True, reply.kv_capacity_tokens
+        profile.prefill_a0, profile.prefill_a1 = fitted.a0 * 1000, fitted.a1 * 1000
+        profile.decode_c0, profile.decode_c1, profile.decode_c2 = fitted.c0 * 1000, fitted.c1 * 1000, fitted.c2 * 1000
+        self.store.put(profile)
+        return profiler_pb2.CalibrateResponse(profile=profile, probes=len(probes),
+                                              prefill_median_error=prefill_error, decode_median_error=decode_error)
+
     async def ListProfiles(self, request: profiler_pb2.ListProfilesRequest, context: grpc.aio.ServicerContext
                            ) -> profiler_pb2.ListProfilesResponse:
-        return profiler_pb2.ListProfilesResponse(
-            profiles=[datasheet_profile(m.name, g.name, "sim") for m in MODELS.values() for g in GPUS.values()])
+        calibrated = self.store.all()
+        return profiler_pb2.ListProfilesResponse(profiles=calibrated + [
+            datasheet_profile(m.name, g.name, "sim") for m in MODELS.values() for g in GPUS.values()])
 
     async def PredictLength(self, request: profiler_pb2.PredictLengthRequest, context: grpc.aio.ServicerContext
                             ) -> common_pb2.LengthPrediction:
@@ -48,7 +84,7 @@ def main(argv: Sequence[str] = ()) -> None:
 
     async def build() -> ServiceHost:
         host = ServiceHost("profiler", cfg)
-        host.add_service(profiler_pb2_grpc.add_ProfilerServicer_to_server, ProfilerServicer(),
+        host.add_service(profiler_pb2_grpc.add_ProfilerServicer_to_server, ProfilerServicer(ProfileStore(cfg.db_path)),
                          profiler_pb2.DESCRIPTOR.services_by_name["Profiler"].full_name)
         return host
 

@@ -7,6 +7,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CalibrateRequest(_message.Message):
+    __slots__ = ("worker_address", "repeats")
+    WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    worker_address: str
+    repeats: int
+    def __init__(self, worker_address: _Optional[str] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class CalibrateResponse(_message.Message):
+    __slots__ = ("profile", "probes", "prefill_median_error", "decode_median_error")
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MEDIAN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DECODE_MEDIAN_ERROR_FIELD_NUMBER: _ClassVar[int]
+    profile: LatencyProfile
+    probes: int
+    prefill_median_error: float
+    decode_median_error: float
+    def __init__(self, profile: _Optional[_Union[LatencyProfile, _Mapping]] = ..., probes: _Optional[int] = ..., prefill_median_error: _Optional[float] = ..., decode_median_error: _Optional[float] = ...) -> None: ...
+
 class GetProfileRequest(_message.Message):
     __slots__ = ("model", "gpu_type", "executor")
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -18,7 +38,7 @@ class GetProfileRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ...) -> None: ...
 
 class LatencyProfile(_message.Message):
-    __slots__ = ("model", "gpu_type", "executor", "source", "peak_tflops", "mem_bw_tbs", "mem_gb", "mfu", "mbu", "overhead_ms", "prefill_a0", "prefill_a1", "decode_c0", "decode_c1", "decode_c2")
+    __slots__ = ("model", "gpu_type", "executor", "source", "peak_tflops", "mem_bw_tbs", "mem_gb", "mfu", "mbu", "overhead_ms", "prefill_a0", "prefill_a1", "decode_c0", "decode_c1", "decode_c2", "fitted", "kv_capacity_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +54,8 @@ class LatencyProfile(_message.Message):
     DECODE_C0_FIELD_NUMBER: _ClassVar[int]
     DECODE_C1_FIELD_NUMBER: _ClassVar[int]
     DECODE_C2_FIELD_NUMBER: _ClassVar[int]
+    FITTED_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     gpu_type: str
     executor: str
@@ -49,7 +71,9 @@ class LatencyProfile(_message.Message):
     decode_c0: float
     decode_c1: float
     decode_c2: float
-    def __init__(self, model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., source: _Optional[str] = ..., peak_tflops: _Optional[float] = ..., mem_bw_tbs: _Optional[float] = ..., mem_gb: _Optional[float] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., prefill_a0: _Optional[float] = ..., prefill_a1: _Optional[float] = ..., decode_c0: _Optional[float] = ..., decode_c1: _Optional[float] = ..., decode_c2: _Optional[float] = ...) -> None: ...
+    fitted: bool
+    kv_capacity_tokens: int
+    def __init__(self, model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., source: _Optional[str] = ..., peak_tflops: _Optional[float] = ..., mem_bw_tbs: _Optional[float] = ..., mem_gb: _Optional[float] = ..., mfu: _Optional[float] = ..., mbu: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., prefill_a0: _Optional[float] = ..., prefill_a1: _Optional[float] = ..., decode_c0: _Optional[float] = ..., decode_c1: _Optional[float] = ..., decode_c2: _Optional[float] = ..., fitted: _Optional[bool] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class ListProfilesRequest(_message.Message):
     __slots__ = ()

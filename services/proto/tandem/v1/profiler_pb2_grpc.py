@@ -56,6 +56,11 @@ class ProfilerStub:
                 request_serializer=tandem_dot_v1_dot_profiler__pb2.CompletionRecord.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_profiler__pb2.RecordCompletionResponse.FromString,
                 _registered_method=True)
+        self.Calibrate = channel.unary_unary(
+                '/tandem.v1.Profiler/Calibrate',
+                request_serializer=tandem_dot_v1_dot_profiler__pb2.CalibrateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_profiler__pb2.CalibrateResponse.FromString,
+                _registered_method=True)
 
 
 class ProfilerServicer:
@@ -86,6 +91,13 @@ class ProfilerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Calibrate(self, request, context):
+        """Profiles a worker with probe batches, fits the latency model and stores it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProfilerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +120,11 @@ def add_ProfilerServicer_to_server(servicer, server):
                     servicer.RecordCompletion,
                     request_deserializer=tandem_dot_v1_dot_profiler__pb2.CompletionRecord.FromString,
                     response_serializer=tandem_dot_v1_dot_profiler__pb2.RecordCompletionResponse.SerializeToString,
+            ),
+            'Calibrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Calibrate,
+                    request_deserializer=tandem_dot_v1_dot_profiler__pb2.CalibrateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_profiler__pb2.CalibrateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Profiler:
             '/tandem.v1.Profiler/RecordCompletion',
             tandem_dot_v1_dot_profiler__pb2.CompletionRecord.SerializeToString,
             tandem_dot_v1_dot_profiler__pb2.RecordCompletionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Calibrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Profiler/Calibrate',
+            tandem_dot_v1_dot_profiler__pb2.CalibrateRequest.SerializeToString,
+            tandem_dot_v1_dot_profiler__pb2.CalibrateResponse.FromString,
             options,
             channel_credentials,
             insecure,

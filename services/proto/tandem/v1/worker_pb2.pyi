@@ -7,6 +7,48 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ProbeSpec(_message.Message):
+    __slots__ = ("prefill_tokens", "batch", "context")
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    prefill_tokens: int
+    batch: int
+    context: int
+    def __init__(self, prefill_tokens: _Optional[int] = ..., batch: _Optional[int] = ..., context: _Optional[int] = ...) -> None: ...
+
+class ProbeResult(_message.Message):
+    __slots__ = ("probe", "step_ms")
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    probe: ProbeSpec
+    step_ms: float
+    def __init__(self, probe: _Optional[_Union[ProbeSpec, _Mapping]] = ..., step_ms: _Optional[float] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("probes", "repeats")
+    PROBES_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    probes: _containers.RepeatedCompositeFieldContainer[ProbeSpec]
+    repeats: int
+    def __init__(self, probes: _Optional[_Iterable[_Union[ProbeSpec, _Mapping]]] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class ProfileResponse(_message.Message):
+    __slots__ = ("results", "worker_id", "model", "gpu_type", "executor", "kv_capacity_tokens")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ProbeResult]
+    worker_id: str
+    model: str
+    gpu_type: str
+    executor: str
+    kv_capacity_tokens: int
+    def __init__(self, results: _Optional[_Iterable[_Union[ProbeResult, _Mapping]]] = ..., worker_id: _Optional[str] = ..., model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
+
 class WorkerGenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt", "sampling", "slo", "priority", "tenant", "predicted_length")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]

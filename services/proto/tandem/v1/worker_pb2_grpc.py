@@ -50,6 +50,11 @@ class WorkerStub:
                 request_serializer=tandem_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.Profile = channel.unary_unary(
+                '/tandem.v1.Worker/Profile',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.ProfileResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -75,6 +80,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Profile(self, request, context):
+        """Times probe batches through the executor, between engine iterations (calibration; best on an idle worker).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +104,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.AbortResponse.SerializeToString,
+            ),
+            'Profile': grpc.unary_unary_rpc_method_handler(
+                    servicer.Profile,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.ProfileRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.ProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class Worker:
             '/tandem.v1.Worker/Abort',
             tandem_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Profile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Worker/Profile',
+            tandem_dot_v1_dot_worker__pb2.ProfileRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.ProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,71 @@
+"""Calibration: the Profiler profiles a live worker with probe batches, fits the latency model by least squares,
+stores it in SQLite and serves it; on a CPU torch worker the fit predicts a fresh mix of steps within 15%."""
+
+from __future__ import annotations
+
+import statistics
+
+import grpc
+import pytest
+
+from services.cluster import ClusterSpec, WorkerSpec
+from services.profiler.fit import FittedLatency, Probe, default_probes, fit
+from services.profiler.store import ProfileStore
+from services.rpc import profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.helpers import start_stack
+
+FRESH_MIX = [Probe(prefill_tokens=p) for p in (48, 96, 200, 400, 700)] + \
+    [Probe(batch=b, context=c) for b, c in ((3, 100), (6, 300), (12, 60), (24, 200), (5, 700), (40, 90))]
+
+
+def test_fit_recovers_known_coefficients():
+    truth = FittedLatency(0.002, 0.0001, 0.003, 0.0005, 0.000002)
+    probes = default_probes(2048, 64, 4096, 1 << 20)
+    model, pre_err, dec_err = fit(probes, [truth.predict_probe(p) for p in probes])
+    assert model.a1 == pytest.approx(truth.a1) and model.c2 == pytest.approx(truth.c2)
+    assert pre_err < 1e-9 and dec_err < 1e-9
+    with pytest.raises(ValueError, match="at least 2 prefill"):
+        fit(probes[:1], [0.1])
+
+
+def test_store_persists_across_restarts(tmp_path):
+    db = tmp_path / "profiles.sqlite"
+    store = ProfileStore(db)
+    store.put(profiler_pb2.LatencyProfile(model="m", gpu_type="A10", executor="torch", fitted=True, prefill_a1=0.5))
+    store.close()
+    again = ProfileStore(db).get("m", "a10", "torch")
+    assert again is not None and again.prefill_a1 == 0.5 and again.fitted
+
+
+@pytest.mark.slow
+def test_calibrated_torch_worker_predicts_a_fresh_mix_within_15_percent(tmp_path):
+    pytest.importorskip("torch")
+    from workers.executors.checkpoint import make_tiny_llama
+
+    # big enough that steps take milliseconds of real compute rather than dispatch jitter, as on a GPU
+    folder = make_tiny_llama(tmp_path / "ckpt", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                             intermediate_size=688, max_position_embeddings=2048)
+    spec = ClusterSpec(workers=[WorkerSpec(id="cpu-0", executor="torch", model=str(folder), kv_blocks=4096)])
+    stack = start_stack(spec, tmp_path / "logs")
+    try:
+        with grpc.insecure_channel(stack.profiler_address) as pch, \
+                grpc.insecure_channel(stack.worker_address("cpu-0")) as wch:
+            profiler = profiler_pb2_grpc.ProfilerStub(pch)
+            reply = profiler.Calibrate(profiler_pb2.CalibrateRequest(worker_address=stack.worker_address("cpu-0"),
+                                                                     repeats=7), timeout=600)
+            served = profiler.GetProfile(profiler_pb2.GetProfileRequest(model=str(folder), gpu_type="CPU",
+                                                                        executor="torch"), timeout=5)
+            fresh = worker_pb2_grpc.WorkerStub(wch).Profile(worker_pb2.ProfileRequest(
+                probes=[worker_pb2.ProbeSpec(prefill_tokens=p.prefill_tokens, batch=p.batch, context=p.context)
+                        for p in FRESH_MIX], repeats=7), timeout=600)
+    finally:
+        stack.stop()
+    assert served.source == "calibrated" and served.fitted and served == reply.profile
+    p = reply.profile
+    model = FittedLatency(p.prefill_a0 / 1000, p.prefill_a1 / 1000, p.decode_c0 / 1000, p.decode_c1 / 1000,
+                          p.decode_c2 / 1000)
+    errors = [abs(model.predict_probe(probe) - r.step_ms / 1000) / (r.step_ms / 1000)
+              for probe, r in zip(FRESH_MIX, fresh.results)]
+    print(f"\ncalibration: fit errors prefill {reply.prefill_median_error:.1%} decode {reply.decode_median_error:.1%}; "
+          f"fresh mix median error {statistics.median(errors):.1%} over {len(errors)} steps")
+    assert statistics.median(errors) < 0.15, (errors, reply)
