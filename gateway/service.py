@@ -24,6 +24,7 @@ from services import settings as settings_mod
 from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, profiler_pb2,
                           profiler_pb2_grpc, worker_pb2, worker_pb2_grpc)
 from services.server import ServiceHost, run_service
+from services.profiler.predictor import length_bucket, prompt_feature
 from services.slo import DEFAULT_CLASS
 from services.validation import Invalid, check_prompt_text, check_sampling
 
@@ -42,8 +43,14 @@ class WorkerFailedEarly(Exception):
         self.error = error
 
 
+PREDICTION_TTL_S = 5.0
 PREFIX_BLOCK_CHARS = 64
 PREFIX_BLOCKS = 8
+
+
+def prompt_tokens_estimate(prompt: str) -> int:
+    """The gateway does not tokenize: about four characters a token."""
+    return max(1, len(prompt) // 4)
 
 
 def prefix_hashes(prompt: str) -> list[int]:
@@ -86,7 +93,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.profiler = (profiler_pb2_grpc.ProfilerStub(rpc.channel(cfg.profiler_address))
                          if cfg.profiler_address else None)
         self._workers: dict[str, worker_pb2_grpc.WorkerStub] = {}
-        self._predictions: dict[tuple[str, int], common_pb2.LengthPrediction] = {}
+        self._predictions: dict[tuple[str, int, int, str], tuple[float, common_pb2.LengthPrediction]] = {}
         self._background: set[asyncio.Task] = set()
 
     # ----- RPCs --------------------------------------------------------------------------------------
@@ -117,12 +124,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     ignore_eos=request.ignore_eos),
                 slo=common_pb2.SloSpec(slo_class=slo_class, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
                                        e2e_ms=slo.e2e_ms, sheddable=slo.sheddable),
-                predicted_length=await self._predict(slo_class, max_tokens))
+                predicted_length=await self._predict(slo_class, max_tokens, request.prompt))
             route = balancer_pb2.RouteRequest(request_id=request_id, slo_class=slo_class,
                                               prompt_chars=len(request.prompt), max_tokens=max_tokens,
                                               priority=request.priority, tenant=tenant,
                                               predicted_length=worker_request.predicted_length,
-                                              prompt_tokens_estimate=max(1, len(request.prompt) // 4),
+                                              prompt_tokens_estimate=prompt_tokens_estimate(request.prompt),
                                               slo=worker_request.slo, sheddable=slo.sheddable,
                                               prefix_hashes=prefix_hashes(request.prompt))
             await self._run(worker_request, route, relay, context, span)
@@ -149,21 +156,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if len(request.request_id) > 128:
             raise Invalid("request_id", "at most 128 characters")
 
-    async def _predict(self, slo_class: str, max_tokens: int) -> common_pb2.LengthPrediction:
-        """Cached, and bounded in time: a slow Profiler never holds a request up."""
-        key = (slo_class, max_tokens)
+    async def _predict(self, slo_class: str, max_tokens: int, prompt: str) -> common_pb2.LengthPrediction:
+        """Cached for a few seconds per (class, limit, length bucket, feature), and bounded in time: a slow
+        Profiler never holds a request up."""
+        if self.profiler is None:
+            return common_pb2.LengthPrediction()
+        tokens, feature = prompt_tokens_estimate(prompt), prompt_feature(prompt)
+        key = (slo_class, max_tokens, length_bucket(tokens), feature)
+        now = time.monotonic()
         cached = self._predictions.get(key)
-        if cached is not None or self.profiler is None:
-            return cached or common_pb2.LengthPrediction()
+        if cached is not None and now - cached[0] < PREDICTION_TTL_S:
+            return cached[1]
         try:
             prediction = await self.profiler.PredictLength(
-                profiler_pb2.PredictLengthRequest(slo_class=slo_class, max_tokens=max_tokens),
+                profiler_pb2.PredictLengthRequest(slo_class=slo_class, max_tokens=max_tokens, prompt_tokens=tokens,
+                                                  prompt_feature=feature),
                 timeout=self.cfg.predict_timeout_ms / 1000)
         except grpc.aio.AioRpcError:
-            return common_pb2.LengthPrediction()
+            return cached[1] if cached else common_pb2.LengthPrediction()
         if len(self._predictions) > 4096:
             self._predictions.clear()
-        self._predictions[key] = prediction
+        self._predictions[key] = (now, prediction)
         return prediction
 
     async def _run(self, worker_request: worker_pb2.WorkerGenerateRequest, route: balancer_pb2.RouteRequest,
@@ -208,7 +221,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     reply.finish_reason = chunk.finish_reason
                     reply.request_id = worker_request.request_id
                     reply.metrics.CopyFrom(relay.metrics(chunk.metrics))
-                    self._record(worker_request, reply.metrics)
+                    self._record(worker_request, reply.metrics, chunk.finish_reason)
                 await context.write(reply)
         except grpc.aio.AioRpcError as e:
             if relay.tokens_sent == 0 and e.code() in RETRYABLE:
@@ -234,11 +247,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address))
         return stub
 
-    def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics) -> None:
+    def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics,
+                finish_reason: str) -> None:
         if self.profiler is not None:
             self._spawn(self.profiler.RecordCompletion(profiler_pb2.CompletionRecord(
                 request_id=request.request_id, slo_class=request.slo.slo_class, worker_id=metrics.worker_id,
-                metrics=metrics), timeout=2))
+                metrics=metrics, prompt_feature=prompt_feature(request.prompt), finish_reason=finish_reason,
+                prompt_tokens_estimate=prompt_tokens_estimate(request.prompt)),
+                timeout=2))
 
     def _spawn(self, call: object) -> None:
         """Fire and forget, off the token path; failures are logged, never raised."""

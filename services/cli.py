@@ -243,10 +243,54 @@ def calibrate(worker: str = typer.Argument(..., help="host:port of the worker to
         raise typer.Exit(1) from None
     p = reply.profile
     console.print(f"{p.model} on {p.gpu_type} ({p.executor}): {reply.probes} probes\n"
-                  f"  prefill(P) = {p.prefill_a0:.3f} + {p.prefill_a1:.5f}*P ms   (median error "
+                  f"  prefill(P) = {p.prefill_a0:.3f} + {p.prefill_a1:.5f}*P + {p.prefill_a2:.3g}*P^2 ms   (median error "
                   f"{reply.prefill_median_error:.1%})\n"
                   f"  decode(b, C) = {p.decode_c0:.3f} + {p.decode_c1:.4f}*b + {p.decode_c2:.6f}*C ms   "
                   f"(median error {reply.decode_median_error:.1%})")
+
+
+@app.command()
+def plan(inventory: Path = typer.Option(..., help="YAML: machines (name, gpu_type, count), mean_input/output"),
+         model: str = typer.Option("llama-2-7b", help="a model the latency model knows"),
+         out: Optional[Path] = typer.Option(None, help="also write the full search as JSON")) -> None:
+    """Best tensor-parallel degree, instances and batch limit per machine, by exhaustive search."""
+    from rich.progress import Progress
+
+    from services.profiler.planner import as_dict, load_inventory
+    from services.profiler.planner import plan as make_plan
+
+    try:
+        inv = load_inventory(inventory)
+        from services.profiler.catalog import model as model_spec
+        model_spec(model)
+    except (ValueError, KeyError) as e:
+        console.print(f"[red]{e.args[0] if isinstance(e, KeyError) else e}[/red]")
+        raise typer.Exit(2) from None
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("searching configurations", total=None)
+        results = make_plan(inv, model, lambda done, total: progress.update(task, completed=done, total=total))
+    table = Table(title=f"deployment plan for {model}, mix {inv.mean_input} in / {inv.mean_output} out tokens")
+    for col in ("machine", "GPUs", "tensor parallel", "instances", "batch limit", "predicted tok/s",
+                "next best"):
+        table.add_column(col, justify="right" if col != "machine" else "left")
+    total = 0.0
+    for machine in inv.machines:
+        configs = results[machine.name]
+        if not configs:
+            table.add_row(machine.name, f"{machine.count} x {machine.gpu_type}", "-", "-", "-", "does not fit", "")
+            continue
+        best = configs[0]
+        total += best.tok_s
+        runner = next((c for c in configs[1:] if c.tp != best.tp), None)
+        table.add_row(machine.name, f"{machine.count} x {machine.gpu_type}", str(best.tp), str(best.instances),
+                      str(best.batch_limit), f"{best.tok_s:,.0f}",
+                      f"tp {runner.tp}: {runner.tok_s:,.0f}" if runner else "")
+    console.print(table)
+    console.print(f"cluster: {total:,.0f} tok/s predicted")
+    if out is not None:
+        from bench.report import write_json
+
+        console.print(f"search: {write_json(out, {'model': model, 'inventory': inv.model_dump(), 'plan': as_dict(results)})}")
 
 
 @app.command("make-checkpoint")
@@ -290,6 +334,27 @@ def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = type
     from bench.engine import run
 
     run(n_requests=requests, kv_tokens=kv_tokens, out=out)
+
+
+@bench_app.command("cluster")
+def bench_cluster(policies: str = typer.Option("round_robin,capacity,token_aware", help="comma-separated"),
+                  time_scale: float = typer.Option(2.0, help="slow the sim GPUs so 2 cores keep up"),
+                  clients: int = typer.Option(160, min=1), warmup: float = typer.Option(20.0),
+                  window: float = typer.Option(30.0),
+                  out: Path = typer.Option(Path("bench/results/cluster.json"))) -> None:
+    """Routing policies on 1 A100 + 2 A10 + 3 T4 at saturation, against the cluster's capacity bound."""
+    from bench.cluster import run
+
+    run(policies=tuple(p.strip() for p in policies.split(",") if p.strip()), time_scale=time_scale, clients=clients,
+        warmup_s=warmup, window_s=window, out=out)
+
+
+@bench_app.command("predictor")
+def bench_predictor(out: Path = typer.Option(Path("bench/results/predictor.json"))) -> None:
+    """Output-length predictor calibration (pinball loss, 10-90% coverage) on held-out Azure traces."""
+    from bench.predictor import run
+
+    run(out=out)
 
 
 @bench_app.command("schedule")

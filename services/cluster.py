@@ -27,6 +27,7 @@ class WorkerSpec(BaseModel):
     time_scale: float = Field(1.0, gt=0)
     device: str = "auto"                 # torch executor
     dtype: str = "auto"                  # torch executor
+    torch_threads: int = Field(0, ge=0)  # torch executor; 0 = torch's default
 
     @model_validator(mode="after")
     def _known_names(self) -> "WorkerSpec":
@@ -45,7 +46,7 @@ class WorkerSpec(BaseModel):
 class ClusterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    routing_policy: str = "least_outstanding"
+    routing_policy: str = "capacity"
     engine_policy: str = "fcfs"
     queue_limit: int = Field(512, gt=0)
     shed_at: float = Field(0.5, ge=0, le=1)

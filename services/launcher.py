@@ -98,7 +98,7 @@ class LocalStack:
     def start_worker(self, spec: WorkerSpec, wait: bool = True, timeout: float = 30.0) -> Process:
         args = ["--worker-id", spec.id, "--port", str(spec.port), "--executor", spec.executor,
                 *(["--gpu-type", spec.gpu_type] if spec.gpu_type else []), "--device", spec.device,
-                "--dtype", spec.dtype, "--model", spec.model, "--engine-policy", self.cluster.engine_policy,
+                "--dtype", spec.dtype, "--torch-threads", str(spec.torch_threads), "--model", spec.model, "--engine-policy", self.cluster.engine_policy,
                 "--balancer-address", self.balancer_address, "--profiler-address", self.profiler_address,
                 "--kv-blocks", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
                 "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale)]

@@ -29,7 +29,7 @@ class ProfilerSettings(ServiceSettings):
 
 
 class BalancerSettings(ServiceSettings):
-    routing_policy: str = "least_outstanding"
+    routing_policy: str = "capacity"
     worker_timeout_s: float = Field(1.5, gt=0, description="a worker silent this long leaves rotation")
     report_interval_s: float = Field(0.2, gt=0, description="how often workers should report load")
     profiler_address: str = ""
@@ -56,6 +56,7 @@ class WorkerSettings(ServiceSettings):
     max_model_len: int = Field(0, ge=0, description="torch executor: cap on the context window; 0 = the model's")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory for weights and KV")
     cpu_kv_tokens: int = Field(65536, gt=0, description="torch executor on CPU: KV cache size in tokens")
+    torch_threads: int = Field(0, ge=0, description="torch executor: intra-op threads; 0 = torch's default")
 
 
 class GatewaySettings(ServiceSettings):

@@ -25,7 +25,8 @@ def build_executor(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | No
             from workers.executors.torch_executor import TorchExecutor
         except ImportError as e:
             raise ValueError(f"the torch executor needs the torch extra (pip install 'tandem-serve[torch]'): {e}")
-        torch_executor = TorchExecutor(cfg.model, device=cfg.device, dtype=cfg.dtype, max_model_len=cfg.max_model_len)
+        torch_executor = TorchExecutor(cfg.model, device=cfg.device, dtype=cfg.dtype, max_model_len=cfg.max_model_len,
+                                       threads=cfg.torch_threads)
         if cfg.kv_blocks:
             blocks = cfg.kv_blocks
         elif torch_executor.device.type == "cuda":

@@ -115,7 +115,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             kv_blocks_total=s.blocks.num_blocks, kv_blocks_used=s.blocks.num_used_blocks,
             block_size=s.blocks.block_size, iterations=self.engine.iterations,
             step_time_ms=self.engine.step_time_ms, finished=s.num_finished, aborted=s.num_aborted,
-            max_model_len=s.config.max_model_len, engine_policy=self.cfg.engine_policy)
+            max_model_len=s.config.max_model_len, engine_policy=self.cfg.engine_policy,
+            max_num_batched_tokens=s.config.max_num_batched_tokens, max_num_seqs=s.config.max_num_seqs)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> worker_pb2.AbortResponse:

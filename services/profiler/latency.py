@@ -19,6 +19,10 @@ DEFAULT_MFU = 0.6
 DEFAULT_MBU = 0.75
 DEFAULT_OVERHEAD_S = 0.0005
 GPU_MEMORY_UTILIZATION = 0.9
+# tensor-parallel communication (our assumption: NVLink on SXM-class parts, PCIe 4.0 x16 elsewhere)
+NVLINK_GPUS = {"H200", "H100-SXM", "A100-80G", "A100-40G", "V100-32G"}
+NVLINK_BPS, NVLINK_LATENCY_S = 200e9, 10e-6
+PCIE_BPS, PCIE_LATENCY_S = 20e9, 25e-6
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class LatencyModel:
     mbu: float = DEFAULT_MBU
     overhead_s: float = DEFAULT_OVERHEAD_S
     fitted: FittedLatency | None = None      # calibrated coefficients; replace the roofline when set
+    tp: int = 1                              # tensor-parallel degree: GPUs one instance spans
 
     @classmethod
     def from_names(cls, gpu_type: str, model_name: str, **kw: float) -> "LatencyModel":
@@ -70,9 +75,18 @@ class LatencyModel:
             kv_read += ctx
         flops += 2.0 * m.n_params * new_total
         bytes_moved = m.weight_bytes + m.kv_bytes_per_token * (kv_read + new_total)
-        compute = flops / (self.gpu.peak_tflops * 1e12 * self.mfu)
-        memory = bytes_moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu)
-        return self.overhead_s + max(compute, memory)
+        compute = flops / (self.gpu.peak_tflops * 1e12 * self.mfu * self.tp)
+        memory = bytes_moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu * self.tp)
+        return self.overhead_s + max(compute, memory) + self.allreduce_time(new_total)
+
+    def allreduce_time(self, tokens: int) -> float:
+        """Two all-reduces of the hidden state per layer when sharded across ``tp`` GPUs (ring, so 2(tp-1)/tp)."""
+        if self.tp == 1:
+            return 0.0
+        link_bps = NVLINK_BPS if self.gpu.name in NVLINK_GPUS else PCIE_BPS
+        latency = NVLINK_LATENCY_S if self.gpu.name in NVLINK_GPUS else PCIE_LATENCY_S
+        volume = tokens * self.model.hidden_size * self.model.dtype_bytes * 2 * (self.tp - 1) / self.tp
+        return 2 * self.model.n_layers * (latency + volume / link_bps)
 
     def prefill_time(self, prompt_tokens: int) -> float:
         return self.step_time(BatchShape((prompt_tokens,), (0,)))
@@ -81,8 +95,8 @@ class LatencyModel:
         return self.step_time(BatchShape((1,) * batch, (context,) * batch))
 
     def kv_capacity_tokens(self, memory_utilization: float = GPU_MEMORY_UTILIZATION) -> int:
-        """Tokens of KV cache that fit beside the weights."""
-        free = self.gpu.mem_gb * 1e9 * memory_utilization - self.model.weight_bytes
+        """Tokens of KV cache that fit beside the weights (across the ``tp`` GPUs of the instance)."""
+        free = self.tp * self.gpu.mem_gb * 1e9 * memory_utilization - self.model.weight_bytes
         return max(0, int(free // self.model.kv_bytes_per_token))
 
     def saturated_decode_tok_s(self, context: int = 1024, max_batch: int = 256) -> float:
@@ -111,7 +125,7 @@ class LatencyModel:
             attention = 4.0 * m.n_layers * m.hidden_size * b * (I * I / 2 + O * context)
             flops = 2.0 * m.n_params * b * (I + O) + attention
             moved = O * (m.weight_bytes + m.kv_bytes_per_token * b * context)
-            cycle = max(flops / (self.gpu.peak_tflops * 1e12 * self.mfu),
-                        moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu)) + O * self.overhead_s
+            cycle = max(flops / (self.gpu.peak_tflops * 1e12 * self.mfu * self.tp),
+                        moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu * self.tp)) + O * self.overhead_s
             best = max(best, b * O / cycle)
         return best

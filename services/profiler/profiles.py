@@ -21,10 +21,15 @@ def datasheet_profile(model_name: str, gpu_type: str, executor: str = "sim") -> 
         overhead_ms=DEFAULT_OVERHEAD_S * 1000)
 
 
+def from_profile(profile: profiler_pb2.LatencyProfile) -> FittedLatency:
+    """The fitted coefficients of a calibrated profile (stored in ms) in seconds."""
+    return FittedLatency(profile.prefill_a0 / 1000, profile.prefill_a1 / 1000, profile.decode_c0 / 1000,
+                         profile.decode_c1 / 1000, profile.decode_c2 / 1000, profile.prefill_a2 / 1000)
+
+
 def latency_model(profile: profiler_pb2.LatencyProfile) -> LatencyModel:
     """The model a profile describes; KeyError when its model or GPU is outside the catalog."""
-    fitted = FittedLatency(profile.prefill_a0 / 1000, profile.prefill_a1 / 1000, profile.decode_c0 / 1000,
-                           profile.decode_c1 / 1000, profile.decode_c2 / 1000) if profile.fitted else None
+    fitted = from_profile(profile) if profile.fitted else None
     return LatencyModel(gpu(profile.gpu_type), model(profile.model), mfu=profile.mfu or DEFAULT_MFU,
                         mbu=profile.mbu or DEFAULT_MBU, overhead_s=profile.overhead_ms / 1000 or DEFAULT_OVERHEAD_S,
                         fitted=fitted)

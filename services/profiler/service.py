@@ -11,7 +11,8 @@ from services import settings as settings_mod
 from services.profiler import priors
 from services.profiler.catalog import GPUS, MODELS
 from services import rpc
-from services.profiler.fit import Probe, default_probes, fit
+from services.profiler.fit import default_probes, fit
+from services.profiler.predictor import LengthPredictor
 from services.profiler.profiles import datasheet_profile
 from services.profiler.store import ProfileStore
 from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -21,6 +22,7 @@ from services.server import ServiceHost, run_service
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
     def __init__(self, store: ProfileStore, history_size: int = 100_000) -> None:
         self.store = store
+        self.predictor = LengthPredictor()
         self.history: collections.deque[profiler_pb2.CompletionRecord] = collections.deque(maxlen=history_size)
 
     async def GetProfile(self, request: profiler_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
@@ -41,8 +43,10 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
                 worker = worker_pb2_grpc.WorkerStub(channel)
                 stats = await worker.GetStats(worker_pb2.GetStatsRequest(), timeout=5)
                 kv_tokens = stats.kv_blocks_total * stats.block_size
-                probes = default_probes(max_prefill=min(2048, stats.max_model_len - 1), max_batch=64,
-                                        max_context=stats.max_model_len, kv_tokens=kv_tokens)
+                # probes cover what the engine runs: prefill chunks up to its token budget, batches up to its limit
+                probes = default_probes(max_prefill=min(stats.max_num_batched_tokens or 2048, stats.max_model_len - 1),
+                                        max_batch=min(64, stats.max_num_seqs or 64), max_context=stats.max_model_len,
+                                        kv_tokens=kv_tokens)
                 reply = await worker.Profile(worker_pb2.ProfileRequest(
                     probes=[worker_pb2.ProbeSpec(prefill_tokens=p.prefill_tokens, batch=p.batch, context=p.context)
                             for p in probes], repeats=request.repeats or 5), timeout=900)
@@ -55,7 +59,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         except KeyError:          # a checkpoint folder or GPU outside the catalog: the fit is all we know
             profile = profiler_pb2.LatencyProfile(model=reply.model, gpu_type=reply.gpu_type, executor=reply.executor)
         profile.source, profile.fitted, profile.kv_capacity_tokens = "calibrated", True, reply.kv_capacity_tokens
-        profile.prefill_a0, profile.prefill_a1 = fitted.a0 * 1000, fitted.a1 * 1000
+        profile.prefill_a0, profile.prefill_a1, profile.prefill_a2 = fitted.a0 * 1000, fitted.a1 * 1000, fitted.a2 * 1000
         profile.decode_c0, profile.decode_c1, profile.decode_c2 = fitted.c0 * 1000, fitted.c1 * 1000, fitted.c2 * 1000
         self.store.put(profile)
         return profiler_pb2.CalibrateResponse(profile=profile, probes=len(probes),
@@ -69,13 +73,16 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
 
     async def PredictLength(self, request: profiler_pb2.PredictLengthRequest, context: grpc.aio.ServicerContext
                             ) -> common_pb2.LengthPrediction:
-        return common_pb2.LengthPrediction(quantiles=priors.QUANTILES,
-                                           lengths=priors.prior(request.slo_class, request.max_tokens),
-                                           source="class_prior")
+        lengths, source = self.predictor.predict(request.slo_class, request.prompt_tokens, request.prompt_feature,
+                                                 request.max_tokens)
+        return common_pb2.LengthPrediction(quantiles=priors.QUANTILES, lengths=lengths, source=source)
 
     async def RecordCompletion(self, request: profiler_pb2.CompletionRecord, context: grpc.aio.ServicerContext
                                ) -> profiler_pb2.RecordCompletionResponse:
         self.history.append(request)
+        if request.finish_reason in ("stop", "length"):   # an aborted answer says nothing about its length
+            self.predictor.observe(request.slo_class, request.prompt_tokens_estimate or request.metrics.prompt_tokens,
+                                   request.prompt_feature, request.metrics.completion_tokens)
         return profiler_pb2.RecordCompletionResponse()
 
 

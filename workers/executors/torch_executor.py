@@ -62,8 +62,10 @@ class TorchExecutor:
     name = "torch"
 
     def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto",
-                 max_model_len: int = 0) -> None:
+                 max_model_len: int = 0, threads: int = 0) -> None:
         folder = Path(folder)
+        if threads:
+            torch.set_num_threads(threads)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint folder {folder} does not exist")
         self.tokenizer = HfTokenizer(folder)

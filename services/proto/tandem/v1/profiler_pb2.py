@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/profiler.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\";\n\x10\x43\x61librateRequest\x12\x16\n\x0eworker_address\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\"\x8a\x01\n\x11\x43\x61librateResponse\x12*\n\x07profile\x18\x01 \x01(\x0b\x32\x19.tandem.v1.LatencyProfile\x12\x0e\n\x06probes\x18\x02 \x01(\x05\x12\x1c\n\x14prefill_median_error\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_median_error\x18\x04 \x01(\x01\"F\n\x11GetProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\"\xc8\x02\n\x0eLatencyProfile\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0bpeak_tflops\x18\x05 \x01(\x01\x12\x12\n\nmem_bw_tbs\x18\x06 \x01(\x01\x12\x0e\n\x06mem_gb\x18\x07 \x01(\x01\x12\x0b\n\x03mfu\x18\x08 \x01(\x01\x12\x0b\n\x03mbu\x18\t \x01(\x01\x12\x13\n\x0boverhead_ms\x18\n \x01(\x01\x12\x12\n\nprefill_a0\x18\x0b \x01(\x01\x12\x12\n\nprefill_a1\x18\x0c \x01(\x01\x12\x11\n\tdecode_c0\x18\r \x01(\x01\x12\x11\n\tdecode_c1\x18\x0e \x01(\x01\x12\x11\n\tdecode_c2\x18\x0f \x01(\x01\x12\x0e\n\x06\x66itted\x18\x10 \x01(\x08\x12\x1a\n\x12kv_capacity_tokens\x18\x11 \x01(\x03\"\x15\n\x13ListProfilesRequest\"C\n\x14ListProfilesResponse\x12+\n\x08profiles\x18\x01 \x03(\x0b\x32\x19.tandem.v1.LatencyProfile\"T\n\x14PredictLengthRequest\x12\x11\n\tslo_class\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\"\x99\x01\n\x10\x43ompletionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x07metrics\x18\x06 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\"\x1a\n\x18RecordCompletionResponse2\x8f\x03\n\x08Profiler\x12\x45\n\nGetProfile\x12\x1c.tandem.v1.GetProfileRequest\x1a\x19.tandem.v1.LatencyProfile\x12O\n\x0cListProfiles\x12\x1e.tandem.v1.ListProfilesRequest\x1a\x1f.tandem.v1.ListProfilesResponse\x12M\n\rPredictLength\x12\x1f.tandem.v1.PredictLengthRequest\x1a\x1b.tandem.v1.LengthPrediction\x12T\n\x10RecordCompletion\x12\x1b.tandem.v1.CompletionRecord\x1a#.tandem.v1.RecordCompletionResponse\x12\x46\n\tCalibrate\x12\x1b.tandem.v1.CalibrateRequest\x1a\x1c.tandem.v1.CalibrateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/profiler.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\";\n\x10\x43\x61librateRequest\x12\x16\n\x0eworker_address\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\"\x8a\x01\n\x11\x43\x61librateResponse\x12*\n\x07profile\x18\x01 \x01(\x0b\x32\x19.tandem.v1.LatencyProfile\x12\x0e\n\x06probes\x18\x02 \x01(\x05\x12\x1c\n\x14prefill_median_error\x18\x03 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_median_error\x18\x04 \x01(\x01\"F\n\x11GetProfileRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\"\xdc\x02\n\x0eLatencyProfile\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x13\n\x0bpeak_tflops\x18\x05 \x01(\x01\x12\x12\n\nmem_bw_tbs\x18\x06 \x01(\x01\x12\x0e\n\x06mem_gb\x18\x07 \x01(\x01\x12\x0b\n\x03mfu\x18\x08 \x01(\x01\x12\x0b\n\x03mbu\x18\t \x01(\x01\x12\x13\n\x0boverhead_ms\x18\n \x01(\x01\x12\x12\n\nprefill_a0\x18\x0b \x01(\x01\x12\x12\n\nprefill_a1\x18\x0c \x01(\x01\x12\x11\n\tdecode_c0\x18\r \x01(\x01\x12\x11\n\tdecode_c1\x18\x0e \x01(\x01\x12\x11\n\tdecode_c2\x18\x0f \x01(\x01\x12\x0e\n\x06\x66itted\x18\x10 \x01(\x08\x12\x1a\n\x12kv_capacity_tokens\x18\x11 \x01(\x03\x12\x12\n\nprefill_a2\x18\x12 \x01(\x01\"\x15\n\x13ListProfilesRequest\"C\n\x14ListProfilesResponse\x12+\n\x08profiles\x18\x01 \x03(\x0b\x32\x19.tandem.v1.LatencyProfile\"l\n\x14PredictLengthRequest\x12\x11\n\tslo_class\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x05\x12\x12\n\nmax_tokens\x18\x03 \x01(\x05\x12\x16\n\x0eprompt_feature\x18\x04 \x01(\t\"\xe8\x01\n\x10\x43ompletionRecord\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x11\n\tworker_id\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12*\n\x07metrics\x18\x06 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\x12\x16\n\x0eprompt_feature\x18\x07 \x01(\t\x12\x15\n\rfinish_reason\x18\x08 \x01(\t\x12\x1e\n\x16prompt_tokens_estimate\x18\t \x01(\x05\"\x1a\n\x18RecordCompletionResponse2\x8f\x03\n\x08Profiler\x12\x45\n\nGetProfile\x12\x1c.tandem.v1.GetProfileRequest\x1a\x19.tandem.v1.LatencyProfile\x12O\n\x0cListProfiles\x12\x1e.tandem.v1.ListProfilesRequest\x1a\x1f.tandem.v1.ListProfilesResponse\x12M\n\rPredictLength\x12\x1f.tandem.v1.PredictLengthRequest\x1a\x1b.tandem.v1.LengthPrediction\x12T\n\x10RecordCompletion\x12\x1b.tandem.v1.CompletionRecord\x1a#.tandem.v1.RecordCompletionResponse\x12\x46\n\tCalibrate\x12\x1b.tandem.v1.CalibrateRequest\x1a\x1c.tandem.v1.CalibrateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,17 +39,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPROFILEREQUEST']._serialized_start=265
   _globals['_GETPROFILEREQUEST']._serialized_end=335
   _globals['_LATENCYPROFILE']._serialized_start=338
-  _globals['_LATENCYPROFILE']._serialized_end=666
-  _globals['_LISTPROFILESREQUEST']._serialized_start=668
-  _globals['_LISTPROFILESREQUEST']._serialized_end=689
-  _globals['_LISTPROFILESRESPONSE']._serialized_start=691
-  _globals['_LISTPROFILESRESPONSE']._serialized_end=758
-  _globals['_PREDICTLENGTHREQUEST']._serialized_start=760
-  _globals['_PREDICTLENGTHREQUEST']._serialized_end=844
-  _globals['_COMPLETIONRECORD']._serialized_start=847
-  _globals['_COMPLETIONRECORD']._serialized_end=1000
-  _globals['_RECORDCOMPLETIONRESPONSE']._serialized_start=1002
-  _globals['_RECORDCOMPLETIONRESPONSE']._serialized_end=1028
-  _globals['_PROFILER']._serialized_start=1031
-  _globals['_PROFILER']._serialized_end=1430
+  _globals['_LATENCYPROFILE']._serialized_end=686
+  _globals['_LISTPROFILESREQUEST']._serialized_start=688
+  _globals['_LISTPROFILESREQUEST']._serialized_end=709
+  _globals['_LISTPROFILESRESPONSE']._serialized_start=711
+  _globals['_LISTPROFILESRESPONSE']._serialized_end=778
+  _globals['_PREDICTLENGTHREQUEST']._serialized_start=780
+  _globals['_PREDICTLENGTHREQUEST']._serialized_end=888
+  _globals['_COMPLETIONRECORD']._serialized_start=891
+  _globals['_COMPLETIONRECORD']._serialized_end=1123
+  _globals['_RECORDCOMPLETIONRESPONSE']._serialized_start=1125
+  _globals['_RECORDCOMPLETIONRESPONSE']._serialized_end=1151
+  _globals['_PROFILER']._serialized_start=1154
+  _globals['_PROFILER']._serialized_end=1553
 # @@protoc_insertion_point(module_scope)
