@@ -27,7 +27,7 @@ class Waiter:
     exclude: frozenset[str]
     deadline: float                         # SLO deadline on the balancer's clock
     seq: int
-    future: asyncio.Future = field(repr=False)
+    future: asyncio.Future | None = field(default=None, repr=False)   # the live balancer waits on it
 
 
 class GlobalQueue:
@@ -50,7 +50,8 @@ class GlobalQueue:
     def ordered(self) -> list[Waiter]:
         return sorted(self.waiters, key=self.key)
 
-    def push(self, request: RouteContext, exclude: frozenset[str], deadline: float) -> tuple[Waiter, list[Waiter]]:
+    def push(self, request: RouteContext, exclude: frozenset[str], deadline: float,
+             future: asyncio.Future | None = None) -> tuple[Waiter, list[Waiter]]:
         """Queue ``request``; returns its waiter and any sheddable waiters it evicted. Raises QueueFull."""
         evicted: list[Waiter] = []
         if request.sheddable and len(self.waiters) >= self.shed_at * self.limit:
@@ -66,7 +67,7 @@ class GlobalQueue:
             evicted.append(victim)
             self.shed += 1
         self._activate(request.tenant)
-        waiter = Waiter(request, exclude, deadline, next(self._seq), asyncio.get_running_loop().create_future())
+        waiter = Waiter(request, exclude, deadline, next(self._seq), future)
         self.waiters.append(waiter)
         return waiter, evicted
 

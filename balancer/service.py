@@ -127,7 +127,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                              span: object) -> WorkerState:
         deadline = time.monotonic() + (r.ttft_ms or r.e2e_ms or 60_000) / 1000
         try:
-            waiter, evicted = self.queue.push(r, exclude, deadline)
+            waiter, evicted = self.queue.push(r, exclude, deadline, asyncio.get_running_loop().create_future())
         except QueueFull as e:
             await self._shed(context, str(e))
         for victim in evicted:

@@ -26,6 +26,8 @@ class ReplayItem:
     input_tokens: int
     output_tokens: int
     slo_class: str = "interactive"
+    priority: int = 0
+    tenant: str = ""
 
 
 def fit_to_window(items: Sequence[TraceRequest], max_model_len: int, slo_class: str, rate_scale: float = 1.0

@@ -357,6 +357,34 @@ def bench_predictor(out: Path = typer.Option(Path("bench/results/predictor.json"
     run(out=out)
 
 
+@bench_app.command("simulate")
+def bench_simulate(cluster: Optional[Path] = typer.Option(None, help="cluster file; default: 12 mixed GPUs"),
+                   scenario: Optional[Path] = typer.Option(None, help="scenario file; default: multi-SLO Azure mix"),
+                   policy: list[str] = typer.Option([], help="ROUTE/ENGINE, repeatable; default: baselines and ours"),
+                   rate_scale: Optional[float] = typer.Option(None, help="override the scenario's rate scale"),
+                   out: Path = typer.Option(Path("bench/results/simulate.json"))) -> None:
+    """Discrete-event simulation with the real policies and engine; prints the result table per policy."""
+    from bench.simulate import DEFAULT_POLICIES, run_simulate
+    from bench.traces import TraceError
+    from services.cluster import ClusterFileError
+
+    try:
+        run_simulate(cluster, scenario, policy or DEFAULT_POLICIES, rate_scale, out, console)
+    except (TraceError, ClusterFileError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+@bench_app.command("goodput")
+def bench_goodput(cluster: Optional[Path] = typer.Option(None), scenario: Optional[Path] = typer.Option(None),
+                  policy: list[str] = typer.Option([], help="ROUTE/ENGINE, repeatable"),
+                  out: Path = typer.Option(Path("bench/results/goodput.json"))) -> None:
+    """Highest rate scale with >= 90% SLO attainment per policy, by bisection in the simulator."""
+    from bench.simulate import DEFAULT_POLICIES, run_goodput
+
+    run_goodput(cluster, scenario, policy or DEFAULT_POLICIES, out, console)
+
+
 @bench_app.command("schedule")
 def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
     """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""

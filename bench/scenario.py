@@ -1,0 +1,133 @@
+"""Scenario files: traces combined into one multi-SLO workload, with a time window and a rate scale.
+
+    name: multi-slo
+    start_s: 0            # window into every trace
+    duration_s: 600
+    rate_scale: 1.0       # > 1 compresses arrivals (more load)
+    seed: 0
+    sources:
+      - {trace: azure-conv, slo_class: interactive}
+      - {trace: azure-code, slo_class: code}
+      - {trace: sharegpt, slo_class: batch, arrival: poisson, rate: 0.5}
+      - {trace: path/to/own.csv, slo_class: interactive}      # Azure-format CSV, or .jsonl below
+
+A JSONL trace has one object a line with ``arrival_s``, ``input_tokens`` and ``output_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bench.replay import ReplayItem
+from bench.traces import TraceError, TraceRequest, default_trace_path, load_azure, load_sharegpt_lengths
+
+BUILTIN = {"azure-conv": "conv", "azure-code": "code"}
+
+
+class Source(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trace: str
+    slo_class: str = "interactive"
+    arrival: Literal["trace", "poisson", "gamma"] = "trace"
+    rate: float = Field(1.0, gt=0, description="requests/s for poisson or gamma arrivals")
+    cv: float = Field(2.0, gt=0, description="coefficient of variation of gamma inter-arrivals")
+    priority: int = 0
+    tenant: str = ""
+
+
+class Scenario(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "scenario"
+    start_s: float = Field(0.0, ge=0)
+    duration_s: float = Field(600.0, gt=0)
+    rate_scale: float = Field(1.0, gt=0)
+    seed: int = 0
+    sources: list[Source] = Field(min_length=1)
+
+
+def load_scenario(path: str | Path | None = None) -> Scenario:
+    """A scenario file, or the shipped default (Azure conv as interactive, code as code, ShareGPT as batch)."""
+    if path is None:
+        text, where = resources.files("bench.data").joinpath("default_scenario.yaml").read_text(), "default scenario"
+    else:
+        try:
+            text, where = Path(path).read_text(), str(path)
+        except OSError as e:
+            raise TraceError(f"cannot read scenario {path}: {e.strerror}") from None
+    try:
+        return Scenario.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError as e:
+        raise TraceError(f"{where}: not valid YAML: {e}") from None
+    except ValidationError as e:
+        raise TraceError(f"{where}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+
+
+def load_jsonl(path: Path) -> list[TraceRequest]:
+    out = []
+    with path.open() as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out.append(TraceRequest(float(row["arrival_s"]), int(row["input_tokens"]), int(row["output_tokens"])))
+            except (ValueError, KeyError, TypeError) as e:
+                raise TraceError(f"{path}:{line_no}: {e!r}") from None
+            if out[-1].input_tokens <= 0 or out[-1].output_tokens <= 0 or out[-1].arrival_s < 0:
+                raise TraceError(f"{path}:{line_no}: token counts must be positive and arrival_s >= 0")
+    out.sort(key=lambda r: r.arrival_s)
+    if not out:
+        raise TraceError(f"{path}: no requests")
+    return out
+
+
+def _synthetic_arrivals(source: Source, duration: float, rng: random.Random) -> list[float]:
+    times, t = [], 0.0
+    shape = 1 / (source.cv ** 2)
+    while True:
+        gap = rng.expovariate(source.rate) if source.arrival == "poisson" else \
+            rng.gammavariate(shape, 1 / (shape * source.rate))
+        t += gap
+        if t >= duration:
+            return times
+        times.append(t)
+
+
+def _requests(source: Source, sc: Scenario, rng: random.Random) -> list[TraceRequest]:
+    if source.trace == "sharegpt" or source.arrival != "trace":
+        if source.arrival == "trace":
+            raise TraceError(f"source {source.trace}: has no arrival times; set arrival: poisson or gamma")
+        pairs = load_sharegpt_lengths() if source.trace == "sharegpt" else \
+            [(r.input_tokens, r.output_tokens) for r in _trace_rows(source.trace, 0.0, None)]
+        return [TraceRequest(t, *rng.choice(pairs)) for t in _synthetic_arrivals(source, sc.duration_s, rng)]
+    return _trace_rows(source.trace, sc.start_s, sc.duration_s)
+
+
+def _trace_rows(trace: str, start: float, duration: float | None) -> list[TraceRequest]:
+    if trace in BUILTIN:
+        return load_azure(default_trace_path(BUILTIN[trace]), start_s=start, duration_s=duration)
+    path = Path(trace)
+    if path.suffix == ".jsonl":
+        return [r for r in load_jsonl(path) if start <= r.arrival_s and (duration is None or r.arrival_s < start + duration)]
+    return load_azure(path, start_s=start, duration_s=duration)
+
+
+def build_workload(sc: Scenario, max_model_len: int) -> list[ReplayItem]:
+    """Every source's requests in the window, arrivals divided by the rate scale, merged in time order."""
+    rng = random.Random(sc.seed)
+    items: list[ReplayItem] = []
+    for source in sc.sources:
+        for r in _requests(source, sc, rng):
+            n_out = max(1, min(r.output_tokens, max_model_len // 4))
+            n_in = max(1, min(r.input_tokens, max_model_len - n_out - 1))
+            items.append(ReplayItem(r.arrival_s / sc.rate_scale, n_in, n_out, source.slo_class, source.priority,
+                                    source.tenant))
+    items.sort(key=lambda i: i.arrival_s)
+    return items

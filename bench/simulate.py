@@ -1,0 +1,128 @@
+"""``tandem bench simulate`` and ``tandem bench goodput``: policies compared in the simulator on a scenario.
+
+Goodput is the highest rate scale at which overall SLO attainment stays >= 90% (DESIGN.md), found by
+bisection on the scenario's rate scale, per policy pair.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.metrics import summarize
+from bench.report import summary_table, write_json
+from bench.scenario import Scenario, build_workload, load_scenario
+from bench.simulator import Simulator
+from services.cluster import ClusterSpec, load_cluster
+from services.profiler.catalog import model as model_spec
+
+BASELINES = ("round_robin/fcfs", "round_robin/rtc", "round_robin/orca")
+DEFAULT_POLICIES = (*BASELINES, "capacity/fcfs", "capacity/priority", "capacity/oracle")
+
+
+def default_cluster_path() -> Path:
+    return Path(str(resources.files("services.data").joinpath("sim_cluster.yaml")))
+
+
+def split(pair: str) -> tuple[str, str]:
+    route, _, engine = pair.partition("/")
+    return route, engine or "fcfs"
+
+
+def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str) -> dict:
+    route, engine = split(pair)
+    window = min(model_spec(w.model).max_model_len for w in cluster.workers)
+    items = build_workload(scenario, window)
+    started = time.perf_counter()
+    result = Simulator(cluster, route, engine, seed=scenario.seed).run(items)
+    return {"policy": pair, "requests": len(items), "wall_s": time.perf_counter() - started,
+            "sim_duration_s": result.duration_s, "summary": summarize(result.records, result.duration_s),
+            "utilization": result.utilization, "bin_s": result.bin_s, "shed": result.shed,
+            "records": result.records}
+
+
+def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = None,
+                 policies: Sequence[str] = DEFAULT_POLICIES, rate_scale: float | None = None,
+                 out: Path | None = Path("bench/results/simulate.json"), console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    cluster = load_cluster(cluster_path or default_cluster_path())
+    scenario = load_scenario(scenario_path)
+    if rate_scale is not None:
+        scenario = scenario.model_copy(update={"rate_scale": rate_scale})
+    runs = []
+    for pair in policies:
+        with console.status(f"simulating {pair} ..."):
+            run = simulate_once(cluster, scenario, pair)
+        runs.append(run)
+        console.print(summary_table(run["summary"], f"{pair}: {run['requests']:,} requests of '{scenario.name}' "
+                                                    f"x{scenario.rate_scale:g} on {len(cluster.workers)} workers "
+                                                    f"(simulated in {run['wall_s']:.1f} s)"))
+    table = Table(title=f"scenario '{scenario.name}' x{scenario.rate_scale:g}, {len(cluster.workers)} workers")
+    for col in ("policy", "SLO met", "satisfaction", "TTFT p50/p99 ms", "E2E p50/p99 ms", "tok/s", "shed"):
+        table.add_column(col, justify="right")
+    for run in runs:
+        a = run["summary"]["all"]
+        table.add_row(run["policy"], f"{a['slo_attainment']:.1%}", f"{a['satisfaction']:.3f}",
+                      f"{a['ttft_ms_p50']:,.0f}/{a['ttft_ms_p99']:,.0f}", f"{a['e2e_ms_p50']:,.0f}/{a['e2e_ms_p99']:,.0f}",
+                      f"{a['throughput_tok_s']:,.0f}", str(run["shed"]))
+    console.print(table)
+    payload = {"scenario": scenario.model_dump(), "cluster": cluster.model_dump(),
+               "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs]}
+    if out is not None:
+        console.print(f"results: {write_json(out, payload)}")
+    return {**payload, "runs": runs}
+
+
+def goodput(cluster: ClusterSpec, scenario: Scenario, pair: str, lo: float = 0.25, hi: float = 16.0,
+            iterations: int = 7, target: float = 0.9) -> tuple[float, list[tuple[float, float]]]:
+    """The highest rate scale with attainment >= target (bisection in log space), and every point tried."""
+    points: list[tuple[float, float]] = []
+
+    def attainment(scale: float) -> float:
+        run = simulate_once(cluster, scenario.model_copy(update={"rate_scale": scale}), pair)
+        value = run["summary"]["all"]["slo_attainment"]
+        points.append((scale, value))
+        return value
+
+    if attainment(lo) < target:
+        return 0.0, points
+    if attainment(hi) >= target:
+        return hi, points
+    for _ in range(iterations):
+        mid = (lo * hi) ** 0.5
+        if attainment(mid) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo, sorted(points)
+
+
+def run_goodput(cluster_path: Path | None = None, scenario_path: Path | None = None,
+                policies: Sequence[str] = DEFAULT_POLICIES, out: Path | None = Path("bench/results/goodput.json"),
+                console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    cluster = load_cluster(cluster_path or default_cluster_path())
+    scenario = load_scenario(scenario_path)
+    rows = {}
+    for pair in policies:
+        with console.status(f"bisecting the rate scale for {pair} ..."):
+            best, points = goodput(cluster, scenario, pair)
+        rows[pair] = {"goodput_rate_scale": best, "points": points}
+        console.print(f"{pair}: goodput x{best:.2f}")
+    table = Table(title=f"goodput: highest rate scale of '{scenario.name}' with >= 90% SLO attainment")
+    for col in ("policy", "goodput (rate scale)", "vs round_robin/fcfs"):
+        table.add_column(col, justify="right")
+    base = rows.get("round_robin/fcfs", {}).get("goodput_rate_scale") or 0.0
+    for pair, r in rows.items():
+        table.add_row(pair, f"x{r['goodput_rate_scale']:.2f}",
+                      f"{r['goodput_rate_scale'] / base:.2f}x" if base else "-")
+    console.print(table)
+    payload = {"scenario": scenario.model_dump(), "policies": rows}
+    if out is not None:
+        console.print(f"results: {write_json(out, payload)}")
+    return payload
