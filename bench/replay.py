@@ -62,7 +62,8 @@ async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict
             record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
             request = gateway_pb2.GenerateRequest(prompt=prompt_of(item.input_tokens), max_tokens=item.output_tokens,
                                                   slo_class=item.slo_class, request_id=record.request_id,
-                                                  ignore_eos=True, temperature=0.0)
+                                                  ignore_eos=True, temperature=0.0, priority=item.priority,
+                                                  tenant=item.tenant)
             try:
                 async for reply in stub.Generate(request, timeout=timeout_s):
                     now = time.perf_counter()

@@ -126,3 +126,45 @@ def run_goodput(cluster_path: Path | None = None, scenario_path: Path | None = N
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")
     return payload
+
+
+def run_replay(address: str | None = None, scenario_path: Path | None = None, cluster_path: Path | None = None,
+               rate_scale: float | None = None, out: Path | None = Path("bench/results/replay.json"),
+               console: Console | None = None) -> dict:
+    """Replay a scenario against a live gateway (or a local stack of the cluster file when no address is given),
+    open loop with the trace's timing, and print the same table the simulator prints."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from bench.replay import replay
+    from services.launcher import LocalStack
+
+    console = console or Console(stderr=True)
+    scenario = load_scenario(scenario_path)
+    if rate_scale is not None:
+        scenario = scenario.model_copy(update={"rate_scale": rate_scale})
+    cluster = load_cluster(cluster_path) if cluster_path or address is None else None
+    window = min(model_spec(w.model).max_model_len for w in cluster.workers) if cluster else 4096
+    items = build_workload(scenario, window)
+    stack = None
+    if address is None:
+        with console.status("starting a local stack ..."):
+            stack = LocalStack(cluster, gateway_port=0).start()
+        address = stack.gateway_address
+    try:
+        with Progress(TextColumn("replaying {task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task(f"'{scenario.name}' ({len(items)} requests)", total=len(items))
+            classes = cluster.slo_classes if cluster and cluster.slo_classes else None
+            records, duration = asyncio.run(replay(address, items, slo_classes=classes,
+                                                   on_done=lambda _: progress.advance(task)))
+    finally:
+        if stack is not None:
+            stack.stop()
+    summary = summarize(records, duration)
+    console.print(summary_table(summary, f"live replay of '{scenario.name}' x{scenario.rate_scale:g} on {address}"))
+    payload = {"scenario": scenario.model_dump(), "address": address, "wall_s": duration, "summary": summary}
+    if out is not None:
+        console.print(f"results: {write_json(out, payload)}")
+    return payload

@@ -375,6 +375,24 @@ def bench_simulate(cluster: Optional[Path] = typer.Option(None, help="cluster fi
         raise typer.Exit(2) from None
 
 
+@bench_app.command("replay")
+def bench_replay(scenario: Optional[Path] = typer.Option(None, help="scenario file; default: multi-SLO Azure mix"),
+                 address: Optional[str] = typer.Option(None, help="a running gateway; default: start a local stack"),
+                 cluster: Optional[Path] = typer.Option(None, help="cluster for the local stack; default: 3 sim GPUs"),
+                 rate_scale: Optional[float] = typer.Option(None, help="override the scenario's rate scale"),
+                 out: Path = typer.Option(Path("bench/results/replay.json"))) -> None:
+    """Replay a scenario against the live stack with the trace's real timing (open loop)."""
+    from bench.simulate import run_replay
+    from bench.traces import TraceError
+    from services.cluster import ClusterFileError
+
+    try:
+        run_replay(address, scenario, cluster, rate_scale, out, console)
+    except (TraceError, ClusterFileError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("goodput")
 def bench_goodput(cluster: Optional[Path] = typer.Option(None), scenario: Optional[Path] = typer.Option(None),
                   policy: list[str] = typer.Option([], help="ROUTE/ENGINE, repeatable"),
