@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import random
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from bench.replay import ReplayItem
 from bench.traces import TraceError, TraceRequest, default_trace_path, load_azure, load_sharegpt_lengths
+from services.yamlfile import load_model
 
 BUILTIN = {"azure-conv": "conv", "azure-code": "code"}
 
@@ -54,19 +53,8 @@ class Scenario(BaseModel):
 
 def load_scenario(path: str | Path | None = None) -> Scenario:
     """A scenario file, or the shipped default (Azure conv as interactive, code as code, ShareGPT as batch)."""
-    if path is None:
-        text, where = resources.files("bench.data").joinpath("default_scenario.yaml").read_text(), "default scenario"
-    else:
-        try:
-            text, where = Path(path).read_text(), str(path)
-        except OSError as e:
-            raise TraceError(f"cannot read scenario {path}: {e.strerror}") from None
-    try:
-        return Scenario.model_validate(yaml.safe_load(text))
-    except yaml.YAMLError as e:
-        raise TraceError(f"{where}: not valid YAML: {e}") from None
-    except ValidationError as e:
-        raise TraceError(f"{where}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    return load_model(Scenario, path, default=("bench.data", "default_scenario.yaml"), error=TraceError,
+                      what="scenario")
 
 
 def load_jsonl(path: Path) -> list[TraceRequest]:

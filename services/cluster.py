@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.profiler.catalog import gpu, model
 from services.slo import SloClass
+from services.yamlfile import load_model
 
 
 class WorkerSpec(BaseModel):
@@ -68,21 +67,5 @@ class ClusterFileError(ValueError):
 
 def load_cluster(path: str | Path | None = None) -> ClusterSpec:
     """Read and check a cluster file; ``None`` gives the embedded default. Errors name the file and the field."""
-    if path is None:
-        text, where = resources.files("services.data").joinpath("default_cluster.yaml").read_text(), "default cluster"
-    else:
-        try:
-            text, where = Path(path).read_text(), str(path)
-        except OSError as e:
-            raise ClusterFileError(f"cannot read cluster file {path}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ClusterFileError(f"{where}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ClusterFileError(f"{where}: expected a mapping with a 'workers' list")
-    try:
-        return ClusterSpec.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ClusterFileError(f"{where}: {problems}") from None
+    return load_model(ClusterSpec, path, default=("services.data", "default_cluster.yaml"), error=ClusterFileError,
+                      what="cluster file")

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.profiler.capacity import engine_saturated_throughput
 from services.profiler.catalog import gpu, model
 from services.profiler.latency import LatencyModel
+from services.yamlfile import load_model
 
 TP_DEGREES = (1, 2, 4, 8)
 BATCH_LIMITS = (8, 16, 32, 64, 128, 256)
@@ -46,16 +46,7 @@ class Inventory(BaseModel):
 
 
 def load_inventory(path: str | Path) -> Inventory:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as e:
-        raise ValueError(f"cannot read inventory {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    try:
-        return Inventory.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(f"{path}: " + "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()))
+    return load_model(Inventory, path, what="inventory")
 
 
 @dataclass(frozen=True)
