@@ -393,6 +393,15 @@ def bench_replay(scenario: Optional[Path] = typer.Option(None, help="scenario fi
         raise typer.Exit(2) from None
 
 
+@bench_app.command("results")
+def bench_results(out: Path = typer.Option(Path("docs"), help="folder for results.md and img/"),
+                  duration: float = typer.Option(600.0, help="seconds of each trace")) -> None:
+    """Regenerate docs/results.md: baseline table for both Azure traces on the default cluster, with plots."""
+    from bench.results_doc import generate
+
+    generate(out, duration, console)
+
+
 @bench_app.command("goodput")
 def bench_goodput(cluster: Optional[Path] = typer.Option(None), scenario: Optional[Path] = typer.Option(None),
                   policy: list[str] = typer.Option([], help="ROUTE/ENGINE, repeatable"),
