@@ -46,10 +46,11 @@ def prompt_of(n_tokens: int) -> str:
 
 
 async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict[str, SloClass] | None = None,
-                 timeout_s: float = 300.0, on_done: Callable[[RequestRecord], None] | None = None
-                 ) -> tuple[list[RequestRecord], float]:
+                 timeout_s: float = 300.0, on_done: Callable[[RequestRecord], None] | None = None,
+                 prompt_for: Callable[[int], str] = None) -> tuple[list[RequestRecord], float]:
     """Send every item at its arrival time; return the records and the run's duration in seconds."""
     classes = slo_classes or DEFAULT_SLO_CLASSES
+    prompt_for = prompt_for or prompt_of
     records: list[RequestRecord] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -60,7 +61,7 @@ async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict
             if delay > 0:
                 await asyncio.sleep(delay)
             record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
-            request = gateway_pb2.GenerateRequest(prompt=prompt_of(item.input_tokens), max_tokens=item.output_tokens,
+            request = gateway_pb2.GenerateRequest(prompt=prompt_for(item.input_tokens), max_tokens=item.output_tokens,
                                                   slo_class=item.slo_class, request_id=record.request_id,
                                                   ignore_eos=True, temperature=0.0, priority=item.priority,
                                                   tenant=item.tenant)

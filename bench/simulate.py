@@ -46,6 +46,21 @@ def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str) -> dict:
             "records": result.records}
 
 
+def capacity_bound(cluster: ClusterSpec, items: Sequence) -> float:
+    """Sum of each worker's saturated throughput for the workload's length mix (engine run alone, virtual time)."""
+    from services.profiler.capacity import engine_saturated_throughput
+    from services.profiler.latency import LatencyModel
+
+    mix = [(i.input_tokens, i.output_tokens) for i in items[:2000]]
+    per_kind: dict[tuple[str, str], float] = {}
+    for w in cluster.workers:
+        key = (w.gpu_type, w.model)
+        if key not in per_kind:
+            per_kind[key] = engine_saturated_throughput(LatencyModel.from_names(w.gpu_type, w.model), mix,
+                                                        max_num_seqs=w.max_num_seqs, warmup_s=20, window_s=60)
+    return sum(per_kind[(w.gpu_type, w.model)] for w in cluster.workers)
+
+
 def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = None,
                  policies: Sequence[str] = DEFAULT_POLICIES, rate_scale: float | None = None,
                  out: Path | None = Path("bench/results/simulate.json"), console: Console | None = None) -> dict:
@@ -62,7 +77,10 @@ def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = 
         console.print(summary_table(run["summary"], f"{pair}: {run['requests']:,} requests of '{scenario.name}' "
                                                     f"x{scenario.rate_scale:g} on {len(cluster.workers)} workers "
                                                     f"(simulated in {run['wall_s']:.1f} s)"))
-    table = Table(title=f"scenario '{scenario.name}' x{scenario.rate_scale:g}, {len(cluster.workers)} workers")
+    window = min(model_spec(w.model).max_model_len for w in cluster.workers)
+    bound = capacity_bound(cluster, build_workload(scenario, window))
+    table = Table(title=f"scenario '{scenario.name}' x{scenario.rate_scale:g}, {len(cluster.workers)} workers, "
+                        f"capacity bound {bound:,.0f} tok/s")
     for col in ("policy", "SLO met", "satisfaction", "TTFT p50/p99 ms", "E2E p50/p99 ms", "tok/s", "shed"):
         table.add_column(col, justify="right")
     for run in runs:
@@ -71,7 +89,7 @@ def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = 
                       f"{a['ttft_ms_p50']:,.0f}/{a['ttft_ms_p99']:,.0f}", f"{a['e2e_ms_p50']:,.0f}/{a['e2e_ms_p99']:,.0f}",
                       f"{a['throughput_tok_s']:,.0f}", str(run["shed"]))
     console.print(table)
-    payload = {"scenario": scenario.model_dump(), "cluster": cluster.model_dump(),
+    payload = {"scenario": scenario.model_dump(), "cluster": cluster.model_dump(), "capacity_bound_tok_s": bound,
                "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs]}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")

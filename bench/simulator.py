@@ -33,14 +33,14 @@ from workers.policies import make_policy as make_engine
 from workers.request import Request, SamplingParams, SloTarget
 from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 
-ARRIVAL, STEP_DONE = 0, 1
+ARRIVAL, STEP_DONE, ENQUEUE = 0, 1, 2
 
 
 @dataclass
 class SimWorker:
     spec: WorkerSpec
     state: WorkerState
-    latency: LatencyModel
+    latency: LatencyModel                  # or anything with its interface (ProfiledLatency)
     scheduler: Scheduler
     busy: bool = False
     out: SchedulerOutput | None = None
@@ -69,7 +69,15 @@ class SimResult:
 
 class Simulator:
     def __init__(self, cluster: ClusterSpec, routing: str | None = None, engine: str | None = None, *,
-                 slo_classes: dict[str, SloClass] | None = None, seed: int = 0, bin_s: float = 10.0) -> None:
+                 slo_classes: dict[str, SloClass] | None = None, seed: int = 0, bin_s: float = 10.0,
+                 latency: dict[str, object] | None = None, request_overhead_s: float = 0.0,
+                 step_overhead_s: float = 0.0, step_overhead_per_seq_s: float = 0.0) -> None:
+        """``latency`` gives a worker (by id) a latency model other than its datasheet one: a calibrated
+        profile, or a ``ProfiledLatency`` for a checkpoint outside the catalog. ``request_overhead_s`` (the
+        gateway, routing and tokenizing before the engine sees a request) and ``step_overhead_s`` plus
+        ``step_overhead_per_seq_s`` for each further sequence in the batch (the engine loop's own work around a
+        forward pass: scheduling, delivering and writing each request's tokens) are the serving stack's costs
+        beyond the forward pass, measured at idle."""
         self.clock = VirtualClock()
         self.routing = routing or cluster.routing_policy
         self.engine = engine or cluster.engine_policy
@@ -80,15 +88,17 @@ class Simulator:
         self.predictor = LengthPredictor()
         self.classes = slo_classes or cluster.slo_classes or DEFAULT_SLO_CLASSES
         self.bin_s = bin_s
+        self.request_overhead_s, self.step_overhead_s = request_overhead_s, step_overhead_s
+        self.step_overhead_per_seq_s = step_overhead_per_seq_s
         self.workers: dict[str, SimWorker] = {}
         for spec in cluster.workers:
-            lm = LatencyModel.from_names(spec.gpu_type, spec.model)
+            lm = (latency or {}).get(spec.id) or LatencyModel.from_names(spec.gpu_type, spec.model)
             blocks = spec.kv_blocks or lm.kv_capacity_tokens() // 16
             state = self.registry.register(spec.id, address="sim", model=spec.model, gpu_type=spec.gpu_type,
-                                           max_model_len=lm.model.max_model_len, kv_blocks_total=blocks,
+                                           max_model_len=lm.max_model_len, kv_blocks_total=blocks,
                                            block_size=16, engine_policy=self.engine, max_num_seqs=spec.max_num_seqs)
             state.latency, state.capacity_tok_s, state.profile_source = lm, lm.saturated_decode_tok_s(), "datasheet"
-            sched = Scheduler(SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, lm.model.max_model_len),
+            sched = Scheduler(SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, lm.max_model_len),
                               BlockManager(blocks, 16), make_engine(self.engine), self.clock)
             self.workers[spec.id] = SimWorker(spec, state, lm, sched)
         self._heap: list[tuple[float, int, int, object]] = []
@@ -108,6 +118,8 @@ class Simulator:
             if kind == ARRIVAL:
                 rid, item = payload  # type: ignore[misc]
                 self._arrive(rid, item)
+            elif kind == ENQUEUE:
+                self._enqueue(*payload)  # type: ignore[misc]
             else:
                 done += self._complete(payload)  # type: ignore[arg-type]
                 if progress is not None and done:
@@ -165,7 +177,15 @@ class Simulator:
         self.registry.acquire(ctx.request_id, Assignment(choice.worker_id, work_seconds(choice, ctx), need,
                                                          ctx.prompt_tokens))
         self.queue.charge(ctx.tenant, need)
-        worker = self.workers[choice.worker_id]
+        self._records[ctx.request_id].worker_id = choice.worker_id
+        if self.request_overhead_s:
+            self._push(self.clock.now() + self.request_overhead_s, ENQUEUE, (choice.worker_id, ctx))
+        else:
+            self._enqueue(choice.worker_id, ctx)
+
+    def _enqueue(self, worker_id: str, ctx: RouteContext) -> None:
+        """The request reaches the worker's engine."""
+        worker = self.workers[worker_id]
         item = self._items[ctx.request_id]
         slo = self.classes[item.slo_class]
         oracle = self.engine == "oracle"
@@ -174,7 +194,6 @@ class Simulator:
             self._records[ctx.request_id].arrival, priority=item.priority, tenant=item.tenant,
             slo=SloTarget(item.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
             predicted_output_len=float(item.output_tokens) if oracle else ctx.predicted_output))
-        self._records[ctx.request_id].worker_id = choice.worker_id
         if not worker.busy:
             self._start(worker)
 
@@ -196,7 +215,8 @@ class Simulator:
         if not out.scheduled:
             worker.busy = False
             return
-        step = worker.latency.step_time(BatchShape.of((s.num_new_tokens, s.context_before) for s in out.scheduled))
+        step = worker.latency.step_time(BatchShape.of((s.num_new_tokens, s.context_before) for s in out.scheduled)) \
+            + self.step_overhead_s + self.step_overhead_per_seq_s * (len(out.scheduled) - 1)
         now = self.clock.now()
         worker.busy, worker.out = True, out
         worker.busy_s += step

@@ -88,6 +88,10 @@ class LatencyModel:
         volume = tokens * self.model.hidden_size * self.model.dtype_bytes * 2 * (self.tp - 1) / self.tp
         return 2 * self.model.n_layers * (latency + volume / link_bps)
 
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_model_len
+
     def prefill_time(self, prompt_tokens: int) -> float:
         return self.step_time(BatchShape((prompt_tokens,), (0,)))
 

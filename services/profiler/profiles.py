@@ -9,7 +9,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from services import rpc
 from services.profiler.catalog import gpu, model
 from services.profiler.fit import FittedLatency
-from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, LatencyModel
+from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, BatchShape, LatencyModel
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
 
@@ -52,3 +52,35 @@ async def fetch(address: str, model_name: str, gpu_type: str, executor: str, att
                         return None
                     raise
     return None
+
+
+class ProfiledLatency:
+    """A calibrated worker's latency when its model is outside the catalog (a local checkpoint): the fitted
+    coefficients alone, with the interface of ``LatencyModel`` that the simulator and the balancer use."""
+
+    def __init__(self, fitted: FittedLatency, kv_capacity_tokens: int, max_model_len: int) -> None:
+        self.fitted = fitted
+        self._kv = kv_capacity_tokens
+        self.max_model_len = max_model_len
+
+    def step_time(self, shape: BatchShape) -> float:
+        prefill = decode = context = 0
+        for new, ctx in zip(shape.new_tokens, shape.context_before):
+            if new == 1 and ctx > 0:
+                decode, context = decode + 1, context + ctx
+            else:
+                prefill += new
+        return self.fitted.predict(prefill, decode, context)
+
+    def prefill_time(self, prompt_tokens: int) -> float:
+        return self.fitted.predict(prompt_tokens, 0, 0)
+
+    def decode_time(self, batch: int, context: int) -> float:
+        return self.fitted.predict(0, batch, batch * context)
+
+    def kv_capacity_tokens(self) -> int:
+        return self._kv
+
+    def saturated_decode_tok_s(self, context: int = 1024, max_batch: int = 256) -> float:
+        batch = max(1, min(max_batch, self._kv // max(1, context)))
+        return batch / self.decode_time(batch, context)
