@@ -10,7 +10,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from balancer.estimate import kv_tokens_needed, work_seconds
-from balancer.queue import GlobalQueue, QueueFull, Waiter, has_room
+from balancer.queue import GlobalQueue, QueueFull, has_room
 from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Assignment, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy

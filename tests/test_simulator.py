@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from bench.metrics import summarize
 from bench.scenario import Scenario, Source, build_workload, load_jsonl, load_scenario
 from bench.simulate import BASELINES, simulate_once
 from bench.simulator import Simulator
