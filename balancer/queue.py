@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
-from balancer.registry import WorkerState
+from balancer.estimate import kv_tokens_needed, work_seconds
+from balancer.registry import Assignment, Registry, WorkerState
 from balancer.route_context import RouteContext
+from balancer.routing.base import RoutingPolicy
 
 
 class QueueFull(Exception):
@@ -94,3 +97,26 @@ def has_room(w: WorkerState, tokens_needed: int) -> bool:
     if w.outstanding == 0:
         return True
     return w.outstanding < w.max_num_seqs and w.kv_capacity_tokens - w.assigned_tokens >= tokens_needed
+
+
+def bind(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: RouteContext,
+         candidates: Sequence[WorkerState]) -> WorkerState:
+    """Pick a worker for ``r`` and count it there: in-flight work, promised KV, and the tenant's VTC."""
+    choice = policy.route(r, candidates)
+    need = kv_tokens_needed(r)
+    registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need, r.prompt_tokens))
+    queue.charge(r.tenant, need)
+    return choice
+
+
+def drain(queue: GlobalQueue, candidates_for: Callable[[Waiter], Sequence[WorkerState]]
+          ) -> Iterator[tuple[Waiter, list[WorkerState]]]:
+    """Queued requests in queue order, each with the workers that have room for it, taken off the queue;
+    stops at the first one that fits nowhere (no overtaking, so the order holds)."""
+    for waiter in queue.ordered():
+        need = kv_tokens_needed(waiter.request)
+        roomy = [w for w in candidates_for(waiter) if has_room(w, need)]
+        if not roomy:
+            return
+        queue.remove(waiter)
+        yield waiter, roomy

@@ -9,9 +9,9 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from balancer.estimate import kv_tokens_needed, work_seconds
-from balancer.queue import GlobalQueue, QueueFull, has_room
-from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Assignment, Registry, WorkerState
+from balancer.estimate import kv_tokens_needed
+from balancer.queue import GlobalQueue, QueueFull, bind, drain, has_room
+from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy
 from services import settings as settings_mod
@@ -146,25 +146,13 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
             self.queue.remove(waiter)
 
     def _bind(self, r: RouteContext, roomy: list[WorkerState]) -> WorkerState:
-        choice = self.policy.route(r, roomy)
-        need = kv_tokens_needed(r)
-        self.registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need,
-                                                       r.prompt_tokens))
-        self.queue.charge(r.tenant, need)
-        return choice
+        return bind(self.policy, self.registry, self.queue, r, roomy)
 
     def _dispatch(self) -> None:
         """Bind queued requests, in queue order, while some worker has room for the head."""
-        for waiter in self.queue.ordered():
-            if waiter.future.done():
-                self.queue.remove(waiter)
-                continue
-            need = kv_tokens_needed(waiter.request)
-            roomy = [w for w in self.registry.routable(waiter.exclude) if has_room(w, need)]
-            if not roomy:
-                break
-            waiter.future.set_result(self._bind(waiter.request, roomy))
-            self.queue.remove(waiter)
+        for waiter, roomy in drain(self.queue, lambda w: self.registry.routable(w.exclude)):
+            if not waiter.future.done():         # a caller that gave up has already left the queue
+                waiter.future.set_result(self._bind(waiter.request, roomy))
 
     async def _shed(self, context: grpc.aio.ServicerContext, why: str) -> None:
         workers = list(self.registry.workers.values())

@@ -16,9 +16,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from balancer.estimate import kv_tokens_needed, work_seconds
-from balancer.queue import GlobalQueue, QueueFull, has_room
-from balancer.registry import Assignment, Registry, WorkerState
+from balancer.estimate import kv_tokens_needed
+from balancer.queue import GlobalQueue, QueueFull, Waiter, bind, drain, has_room
+from balancer.registry import Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy as make_routing
 from bench.metrics import RequestRecord
@@ -172,11 +172,7 @@ class Simulator:
             item.input_tokens + item.output_tokens <= w.scheduler.config.max_model_len
 
     def _bind(self, ctx: RouteContext, candidates: list[WorkerState]) -> None:
-        choice = self.policy.route(ctx, candidates)
-        need = kv_tokens_needed(ctx)
-        self.registry.acquire(ctx.request_id, Assignment(choice.worker_id, work_seconds(choice, ctx), need,
-                                                         ctx.prompt_tokens))
-        self.queue.charge(ctx.tenant, need)
+        choice = bind(self.policy, self.registry, self.queue, ctx, candidates)
         self._records[ctx.request_id].worker_id = choice.worker_id
         if self.request_overhead_s:
             self._push(self.clock.now() + self.request_overhead_s, ENQUEUE, (choice.worker_id, ctx))
@@ -198,16 +194,15 @@ class Simulator:
             self._start(worker)
 
     def _dispatch(self) -> None:
-        for waiter in self.queue.ordered():
-            item = self._items[waiter.request.request_id]
-            fits = [w for w in self.workers.values() if self._fits(w, item)]
-            for w in fits:
-                w.sync()
-            roomy = [w.state for w in fits if has_room(w.state, kv_tokens_needed(waiter.request))]
-            if not roomy:
-                break
-            self.queue.remove(waiter)
+        for waiter, roomy in drain(self.queue, self._candidates):
             self._bind(waiter.request, roomy)
+
+    def _candidates(self, waiter: Waiter) -> list[WorkerState]:
+        """Workers that can ever hold the request, with their state as of now."""
+        fits = [w for w in self.workers.values() if self._fits(w, self._items[waiter.request.request_id])]
+        for w in fits:
+            w.sync()
+        return [w.state for w in fits]
 
     # ----- the workers' side -------------------------------------------------------------------------
     def _start(self, worker: SimWorker) -> None:

@@ -262,10 +262,8 @@ class Scheduler:
         self._enqueue_waiting(request)
 
     def _finish(self, request: Request, status: RequestStatus, now: float | None = None) -> None:
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+        queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
+        queue.remove(request)
         self.blocks.free(request)
         request.status = status
         request.finished_time = self.clock.now() if now is None else now

@@ -49,6 +49,16 @@ class FittedLatency:
             return self.c0 + decode
         return max(self.a0, self.c0) + prefill + decode
 
+    def predict_step(self, new_tokens: Sequence[int], context_before: Sequence[int]) -> float:
+        """Seconds for a step given each sequence's new tokens and cached context (a decode: 1 new, context > 0)."""
+        prefill = decode = context = 0
+        for new, ctx in zip(new_tokens, context_before):
+            if new == 1 and ctx > 0:
+                decode, context = decode + 1, context + ctx
+            else:
+                prefill += new
+        return self.predict(prefill, decode, context)
+
     def predict_probe(self, p: Probe) -> float:
         if p.is_prefill:
             return self.predict(p.prefill_tokens, 0, 0)

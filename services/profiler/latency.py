@@ -55,14 +55,7 @@ class LatencyModel:
     def step_time(self, shape: BatchShape) -> float:
         """Seconds for one engine iteration over ``shape``."""
         if self.fitted is not None:
-            prefill = decode = context = 0
-            for new, ctx in zip(shape.new_tokens, shape.context_before):
-                if new == 1 and ctx > 0:
-                    decode += 1
-                    context += ctx
-                else:
-                    prefill += new
-            return self.fitted.predict(prefill, decode, context)
+            return self.fitted.predict_step(shape.new_tokens, shape.context_before)
         m = self.model
         flops = 0.0
         kv_read = 0

@@ -64,13 +64,7 @@ class ProfiledLatency:
         self.max_model_len = max_model_len
 
     def step_time(self, shape: BatchShape) -> float:
-        prefill = decode = context = 0
-        for new, ctx in zip(shape.new_tokens, shape.context_before):
-            if new == 1 and ctx > 0:
-                decode, context = decode + 1, context + ctx
-            else:
-                prefill += new
-        return self.fitted.predict(prefill, decode, context)
+        return self.fitted.predict_step(shape.new_tokens, shape.context_before)
 
     def prefill_time(self, prompt_tokens: int) -> float:
         return self.fitted.predict(prompt_tokens, 0, 0)
