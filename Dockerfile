@@ -7,7 +7,9 @@ COPY services services
 COPY gateway gateway
 COPY balancer balancer
 COPY workers workers
+COPY profiler profiler
 COPY bench bench
+COPY tandem tandem
 RUN pip install .
 ENTRYPOINT ["tandem"]
 CMD ["--help"]

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.profiler.latency import LatencyModel
+from services.latency import LatencyModel
 
 log = logging.getLogger(__name__)
 

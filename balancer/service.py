@@ -15,7 +15,7 @@ from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy
 from services import settings as settings_mod
-from services.profiler import profiles
+from services import profiles
 from services.rpc import balancer_pb2, balancer_pb2_grpc
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry

@@ -22,9 +22,9 @@ from rich.table import Table
 from bench.report import write_json
 from bench.traces import default_trace_path, load_azure
 from services.cluster import ClusterSpec, WorkerSpec
-from services.launcher import LocalStack
-from services.profiler.capacity import engine_saturated_throughput
-from services.profiler.latency import LatencyModel
+from tandem.launcher import LocalStack
+from profiler.capacity import engine_saturated_throughput
+from services.latency import LatencyModel
 from services.rpc import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GPUS = ("A100-80G", "A10", "A10", "T4", "T4", "T4")

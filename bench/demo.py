@@ -13,8 +13,8 @@ from bench.replay import fit_to_window, replay
 from bench.report import summary_table, write_json
 from bench.traces import default_trace_path, load_azure
 from services.cluster import ClusterSpec
-from services.launcher import LocalStack
-from services.profiler.catalog import model
+from tandem.launcher import LocalStack
+from services.catalog import model
 
 
 def run_demo(cluster: ClusterSpec, *, trace: str = "conv", trace_path: Path | None = None, start_s: float = 0.0,

@@ -25,7 +25,7 @@ from bench import schedule as schedule_bench
 from bench.report import write_json
 from bench.traces import load_sharegpt_lengths
 from services.cluster import ClusterSpec, WorkerSpec
-from services.launcher import LocalStack
+from tandem.launcher import LocalStack
 from services.rpc import common_pb2, worker_pb2, worker_pb2_grpc
 
 CHECKPOINT = Path(".tandem/checkpoints/bench-llama")

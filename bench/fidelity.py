@@ -26,8 +26,8 @@ from bench.report import write_json
 from bench.simulator import Simulator
 from bench.traces import default_trace_path, load_azure
 from services.cluster import ClusterSpec, WorkerSpec
-from services.launcher import LocalStack
-from services.profiler.profiles import ProfiledLatency, from_profile
+from tandem.launcher import LocalStack
+from services.profiles import ProfiledLatency, from_profile
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
 

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from bench.report import write_json
 from bench.traces import default_trace_path, load_azure
-from services.profiler import priors
-from services.profiler.predictor import LengthPredictor, pinball_loss
+from profiler import priors
+from profiler.predictor import LengthPredictor, pinball_loss
 
 TRACES = {"conv": "interactive", "code": "code"}
 

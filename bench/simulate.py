@@ -19,7 +19,7 @@ from bench.report import summary_table, write_json
 from bench.scenario import Scenario, build_workload, load_scenario
 from bench.simulator import Simulator
 from services.cluster import ClusterSpec, load_cluster
-from services.profiler.catalog import model as model_spec
+from services.catalog import model as model_spec
 
 BASELINES = ("round_robin/fcfs", "round_robin/rtc", "round_robin/orca")
 DEFAULT_POLICIES = (*BASELINES, "capacity/fcfs", "capacity/priority", "capacity/oracle")
@@ -48,8 +48,8 @@ def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str) -> dict:
 
 def capacity_bound(cluster: ClusterSpec, items: Sequence) -> float:
     """Sum of each worker's saturated throughput for the workload's length mix (engine run alone, virtual time)."""
-    from services.profiler.capacity import engine_saturated_throughput
-    from services.profiler.latency import LatencyModel
+    from profiler.capacity import engine_saturated_throughput
+    from services.latency import LatencyModel
 
     mix = [(i.input_tokens, i.output_tokens) for i in items[:2000]]
     per_kind: dict[tuple[str, str], float] = {}
@@ -156,7 +156,7 @@ def run_replay(address: str | None = None, scenario_path: Path | None = None, cl
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from bench.replay import replay
-    from services.launcher import LocalStack
+    from tandem.launcher import LocalStack
 
     console = console or Console(stderr=True)
     scenario = load_scenario(scenario_path)

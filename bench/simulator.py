@@ -24,8 +24,8 @@ from balancer.routing import make_policy as make_routing
 from bench.metrics import RequestRecord
 from bench.replay import ReplayItem
 from services.cluster import ClusterSpec, WorkerSpec
-from services.profiler.latency import BatchShape, LatencyModel
-from services.profiler.predictor import LengthPredictor
+from services.latency import BatchShape, LatencyModel
+from profiler.predictor import LengthPredictor
 from services.slo import DEFAULT_SLO_CLASSES, SloClass
 from workers.block_manager import BlockManager
 from workers.clock import VirtualClock

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from bench.report import write_json
 from services.cluster import ClusterSpec, WorkerSpec
-from services.launcher import LocalStack
+from tandem.launcher import LocalStack
 from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 

@@ -24,7 +24,7 @@ from services import settings as settings_mod
 from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, profiler_pb2,
                           profiler_pb2_grpc, worker_pb2, worker_pb2_grpc)
 from services.server import ServiceHost, run_service
-from services.profiler.predictor import length_bucket, prompt_feature
+from profiler.predictor import length_bucket, prompt_feature
 from services.slo import DEFAULT_CLASS
 from services.validation import Invalid, check_prompt_text, check_sampling
 

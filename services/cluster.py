@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from services.profiler.catalog import gpu, model
+from services.catalog import gpu, model
 from services.slo import SloClass
 from services.yamlfile import load_model
 
@@ -16,7 +16,7 @@ class WorkerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    executor: Literal["sim", "torch", "vllm"] = "sim"
+    executor: Literal["sim", "torch"] = "sim"
     gpu_type: str = "A100-80G"
     model: str = "llama-2-7b"
     port: int = Field(0, ge=0, le=65535)

@@ -64,9 +64,6 @@ class ServiceHost:
     def on_drain(self, hook: Hook) -> None:
         self._drain_hooks.append(hook)
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     def bind(self) -> int:
         """Listen before start, so services can learn their own address (workers advertise it)."""
         self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")

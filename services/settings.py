@@ -42,7 +42,7 @@ class WorkerSettings(ServiceSettings):
     advertise_address: str = Field("", description="host:port others use to reach this worker")
     balancer_address: str = ""
     profiler_address: str = ""
-    executor: Literal["sim", "torch", "vllm"] = "sim"
+    executor: Literal["sim", "torch"] = "sim"
     gpu_type: str = "A100-80G"
     model: str = Field("llama-2-7b", description="sim: a model name; torch: a checkpoint folder")
     engine_policy: str = "fcfs"

@@ -16,7 +16,7 @@ import grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from services.cluster import ClusterSpec, WorkerSpec
-from services.launcher import LocalStack
+from tandem.launcher import LocalStack
 from services.rpc import worker_pb2, worker_pb2_grpc
 
 
@@ -52,7 +52,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 def tandem_up(args: list[str], timeout: float = 90.0) -> tuple[subprocess.Popen, str, str]:
     """Run `tandem up ARGS` as a user would; returns the process, the gateway address and what it printed."""
-    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", *args], stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", *args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     seen: list[str] = []
     deadline = time.monotonic() + timeout

@@ -9,9 +9,9 @@ import grpc
 import pytest
 
 from services.cluster import ClusterSpec, WorkerSpec
-from services.profiler.fit import FittedLatency, Probe, default_probes, fit
-from services.profiler.profiles import from_profile
-from services.profiler.store import ProfileStore
+from services.fit import FittedLatency, Probe, default_probes, fit
+from services.profiles import from_profile
+from profiler.store import ProfileStore
 from services.rpc import profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers import start_stack
 

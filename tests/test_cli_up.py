@@ -45,6 +45,6 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path):
 def test_up_rejects_a_bad_cluster_file(tmp_path):
     cluster = tmp_path / "bad.yaml"
     cluster.write_text("workers: [{id: x, gpu_type: Z80}]\n")
-    out = subprocess.run([sys.executable, "-m", "services.cli", "up", "--cluster", str(cluster)],
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "up", "--cluster", str(cluster)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown GPU type 'Z80'" in out.stderr

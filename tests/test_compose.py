@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from services import settings
-from services.cli import SERVICES
+from tandem.cli import SERVICES
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"gateway": settings.GatewaySettings, "balancer": settings.BalancerSettings,

@@ -2,8 +2,8 @@
 
 import pytest
 
-from services.profiler.catalog import GPUS, MODELS
-from services.profiler.latency import LatencyModel
+from services.catalog import GPUS, MODELS
+from services.latency import LatencyModel
 
 
 @pytest.mark.parametrize("prompt,low_ms,high_ms", [(512, 37, 37), (2048, 158, 158)])

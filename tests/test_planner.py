@@ -2,8 +2,8 @@
 
 import pytest
 
-from services.profiler.latency import LatencyModel
-from services.profiler.planner import Inventory, Machine, candidates, load_inventory, plan
+from services.latency import LatencyModel
+from profiler.planner import Inventory, Machine, candidates, load_inventory, plan
 
 
 def test_only_fitting_configurations_are_tried():

@@ -7,8 +7,8 @@ import random
 import grpc
 import pytest
 
-from services.profiler import priors
-from services.profiler.predictor import LengthPredictor, pinball_loss, prompt_feature
+from profiler import priors
+from profiler.predictor import LengthPredictor, pinball_loss, prompt_feature
 from services.rpc import gateway_pb2, gateway_pb2_grpc, profiler_pb2, profiler_pb2_grpc
 from tests.helpers import wait_until
 

@@ -17,7 +17,7 @@ def test_short_live_replay_of_a_multi_slo_scenario(tmp_path):
                         "  - {trace: azure-conv, slo_class: interactive}\n"
                         "  - {trace: azure-code, slo_class: code}\n")
     out = tmp_path / "replay.json"
-    done = subprocess.run([sys.executable, "-m", "services.cli", "bench", "replay", "--scenario", str(scenario),
+    done = subprocess.run([sys.executable, "-m", "tandem.cli", "bench", "replay", "--scenario", str(scenario),
                            "--out", str(out)], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

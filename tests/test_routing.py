@@ -11,7 +11,7 @@ from balancer.queue import GlobalQueue, QueueFull, has_room
 from balancer.registry import Assignment, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy, policy_names
-from services.profiler.latency import LatencyModel
+from services.latency import LatencyModel
 
 
 class Clock:

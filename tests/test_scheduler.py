@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from services.profiler.latency import LatencyModel
+from services.latency import LatencyModel
 from workers.block_manager import BlockManager
 from workers.clock import VirtualClock
 from workers.engine import Engine

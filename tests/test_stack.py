@@ -164,18 +164,18 @@ def test_message_over_the_transport_limit_is_refused_cleanly(stack):
 
 
 def test_cli_generate_and_status(stack):
-    out = subprocess.run([sys.executable, "-m", "services.cli", "generate", "hello world", "--max-tokens", "6",
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "hello world", "--max-tokens", "6",
                           "--address", stack.gateway_address], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("[simulated]") and len(out.stdout.split()) == 6
     assert "finish: length" in out.stderr
-    status = subprocess.run([sys.executable, "-m", "services.cli", "status", "--address", stack.gateway_address],
+    status = subprocess.run([sys.executable, "-m", "tandem.cli", "status", "--address", stack.gateway_address],
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
     for spec in stack.cluster.workers:
         assert spec.id in status.stdout and spec.gpu_type in status.stdout
     assert "serving" in status.stdout and "(datasheet)" in status.stdout     # capacity from the Profiler
-    bad = subprocess.run([sys.executable, "-m", "services.cli", "generate", "hi", "--slo-class", "gold",
+    bad = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "hi", "--slo-class", "gold",
                           "--address", stack.gateway_address], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: slo_class" in bad.stderr
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from services.profiler.latency import LatencyModel
+from services.latency import LatencyModel
 from services.settings import WorkerSettings
 from workers.block_manager import BlockManager
 from workers.clock import Clock

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from services.profiler.fit import Probe
+from services.fit import Probe
 from workers.engine import Engine
 from workers.request import Request, RequestStatus, SamplingParams
 from workers.scheduler import ScheduledRequest, SchedulerOutput

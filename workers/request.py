@@ -87,9 +87,5 @@ class Request:
         return self.num_tokens - self.num_computed_tokens
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def is_finished(self) -> bool:
         return self.status.finished

@@ -63,10 +63,6 @@ class SchedulerOutput:
     def num_prefill_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 @dataclass(frozen=True)
 class RequestOutput:

@@ -20,11 +20,11 @@ from services.rpc import worker_pb2_grpc
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
 from services.validation import Invalid, check_lengths, check_sampling
-from services.profiler import profiles
+from services import profiles
 from workers.build import build_engine
 from workers.clock import RealClock
 from workers.engine import Engine, IterationStats
-from services.profiler.fit import Probe
+from services.fit import Probe
 from workers.probe import ProbeError, run_probes
 from workers.request import Request, SamplingParams, SloTarget
 from workers.scheduler import SchedulerOutput

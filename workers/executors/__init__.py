@@ -1,1 +1,1 @@
-"""Executors run a scheduled batch and return the sampled tokens: ``sim`` here, ``torch`` and ``vllm`` as extras."""
+"""Executors run a scheduled batch and return the sampled tokens: ``sim`` here, ``torch`` with its extra."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 
-from services.profiler.latency import BatchShape, LatencyModel
+from services.latency import BatchShape, LatencyModel
 from workers.clock import Clock
 from workers.scheduler import SchedulerOutput
 from workers.tokenizer import SimTokenizer

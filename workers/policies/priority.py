@@ -25,9 +25,6 @@ class PriorityPolicy(EnginePolicy):
             raise ValueError("aging_per_s must be >= 0")
         self.aging_per_s = aging_per_s
 
-    def effective_priority(self, request: Request, now: float) -> float:
-        return request.priority + self.aging_per_s * max(0.0, now - request.arrival_time)
-
     def key(self, request: Request, now: float) -> tuple:
         return (self.aging_per_s * request.arrival_time - request.priority, request.arrival_time)
 

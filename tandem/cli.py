@@ -35,7 +35,7 @@ def serve(ctx: typer.Context, service: str = typer.Argument(..., help="gateway, 
         elif service == "worker":
             from workers.service import main
         else:
-            from services.profiler.service import main
+            from profiler.service import main
         main(argv)
     except ValueError as e:     # unknown policy, GPU type or model: one clear line, not a traceback
         console.print(f"[red]{service}: {e}[/red]")
@@ -53,7 +53,7 @@ def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: O
            executor: Optional[str] = None, model: Optional[str] = None):
     from balancer.routing import policy_names as routing_names
     from services.cluster import ClusterFileError, ClusterSpec, WorkerSpec, load_cluster
-    from services.launcher import LocalStack
+    from tandem.launcher import LocalStack
     from workers.policies import policy_names as engine_names
 
     try:
@@ -256,12 +256,12 @@ def plan(inventory: Path = typer.Option(..., help="YAML: machines (name, gpu_typ
     """Best tensor-parallel degree, instances and batch limit per machine, by exhaustive search."""
     from rich.progress import Progress
 
-    from services.profiler.planner import as_dict, load_inventory
-    from services.profiler.planner import plan as make_plan
+    from profiler.planner import as_dict, load_inventory
+    from profiler.planner import plan as make_plan
 
     try:
         inv = load_inventory(inventory)
-        from services.profiler.catalog import model as model_spec
+        from services.catalog import model as model_spec
         model_spec(model)
     except (ValueError, KeyError) as e:
         console.print(f"[red]{e.args[0] if isinstance(e, KeyError) else e}[/red]")

@@ -7,9 +7,9 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from services import rpc
-from services.profiler.catalog import gpu, model
-from services.profiler.fit import FittedLatency
-from services.profiler.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, BatchShape, LatencyModel
+from services.catalog import gpu, model
+from services.fit import FittedLatency
+from services.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, BatchShape, LatencyModel
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
 

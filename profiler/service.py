@@ -1,29 +1,27 @@
-"""The Profiler service: serves latency profiles and length predictions; keeps finished-request history."""
+"""The Profiler service: serves latency profiles and length predictions; learns lengths from finished requests."""
 
 from __future__ import annotations
 
-import collections
 from typing import Sequence
 
 import grpc
 
 from services import settings as settings_mod
-from services.profiler import priors
-from services.profiler.catalog import GPUS, MODELS
+from profiler import priors
+from services.catalog import GPUS, MODELS
 from services import rpc
-from services.profiler.fit import default_probes, fit
-from services.profiler.predictor import LengthPredictor
-from services.profiler.profiles import datasheet_profile
-from services.profiler.store import ProfileStore
+from services.fit import default_probes, fit
+from profiler.predictor import LengthPredictor
+from services.profiles import datasheet_profile
+from profiler.store import ProfileStore
 from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.server import ServiceHost, run_service
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
-    def __init__(self, store: ProfileStore, history_size: int = 100_000) -> None:
+    def __init__(self, store: ProfileStore) -> None:
         self.store = store
         self.predictor = LengthPredictor()
-        self.history: collections.deque[profiler_pb2.CompletionRecord] = collections.deque(maxlen=history_size)
 
     async def GetProfile(self, request: profiler_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
                          ) -> profiler_pb2.LatencyProfile:
@@ -79,7 +77,6 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
 
     async def RecordCompletion(self, request: profiler_pb2.CompletionRecord, context: grpc.aio.ServicerContext
                                ) -> profiler_pb2.RecordCompletionResponse:
-        self.history.append(request)
         if request.finish_reason in ("stop", "length"):   # an aborted answer says nothing about its length
             self.predictor.observe(request.slo_class, request.prompt_tokens_estimate or request.metrics.prompt_tokens,
                                    request.prompt_feature, request.metrics.completion_tokens)

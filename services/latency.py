@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
-from services.profiler.catalog import GpuSpec, ModelSpec, gpu, model
-from services.profiler.fit import FittedLatency
+from services.catalog import GpuSpec, ModelSpec, gpu, model
+from services.fit import FittedLatency
 
 DEFAULT_MFU = 0.6
 DEFAULT_MBU = 0.75

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from services.profiler.capacity import engine_saturated_throughput
-from services.profiler.catalog import gpu, model
-from services.profiler.latency import LatencyModel
+from profiler.capacity import engine_saturated_throughput
+from services.catalog import gpu, model
+from services.latency import LatencyModel
 from services.yamlfile import load_model
 
 TP_DEGREES = (1, 2, 4, 8)
@@ -57,10 +57,6 @@ class Config:
     instances: int
     batch_limit: int
     tok_s: float                  # whole machine: instances x one instance's throughput
-
-    @property
-    def per_instance_tok_s(self) -> float:
-        return self.tok_s / self.instances
 
 
 def candidates(machine: Machine, model_name: str) -> list[tuple[int, int, int]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from services.profiler.latency import BatchShape, LatencyModel
+from services.latency import BatchShape, LatencyModel
 from workers.block_manager import BlockManager
 from workers.clock import VirtualClock
 from workers.policies import make_policy

@@ -13,7 +13,7 @@ from collections import defaultdict, deque
 
 import numpy as np
 
-from services.profiler import priors
+from profiler import priors
 
 QUANTILES = priors.QUANTILES
 CODE_MARKERS = ("```", "def ", "function", "class ", "import ", "#include", "{", "};")

@@ -1,7 +1,7 @@
 """Starts a whole Tandem stack as separate processes on loopback, and stops it cleanly.
 
 Used by ``tandem up``, the demo, the benchmarks and the multi-process tests, so they all exercise the same
-path: each service is ``python -m services.cli serve NAME`` with flags, announces its port with a READY line,
+path: each service is ``python -m tandem.cli serve NAME`` with flags, announces its port with a READY line,
 and is stopped with SIGTERM (graceful drain), then SIGKILL if it does not exit in time.
 """
 
@@ -149,7 +149,7 @@ class LocalStack:
         stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.log"
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
-            popen = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", service, "--host", self.host, *args],
+            popen = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host, *args],
                                      stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         process = self.processes[name] = Process(name, popen, stdout_path, stderr_path)
         return process
