@@ -92,6 +92,46 @@ class GlobalQueue:
         self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), floor)
 
 
+@dataclass
+class Admission:
+    """What ``admit`` decided: bound to ``worker`` now, or queued as ``waiter`` (evicting ``evicted``)."""
+
+    worker: WorkerState | None = None
+    waiter: Waiter | None = None
+    evicted: list[Waiter] = field(default_factory=list)
+
+
+def queue_deadline_s(r: RouteContext) -> float:
+    """How long a request may wait in the queue before its SLO is lost: its TTFT target, else its E2E target."""
+    return (r.ttft_ms or r.e2e_ms or 60_000) / 1000
+
+
+def admit(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: RouteContext,
+          candidates: Sequence[WorkerState], now: float, exclude: frozenset[str] = frozenset(),
+          future: asyncio.Future | None = None) -> Admission:
+    """The balancer's one decision for a new request, live and simulated: bind it now, queue it, or shed it.
+
+    A baseline (no late binding) binds at once to any candidate. Otherwise it binds only where a worker has room
+    and nobody is queued ahead of it; else it waits in the queue (raises ``QueueFull`` when shed).
+    """
+    if not policy.late_binding:
+        roomy = list(candidates)
+    elif queue.waiters:
+        roomy = []
+    else:
+        need = kv_tokens_needed(r)
+        roomy = [w for w in candidates if has_room(w, need)]
+    if roomy:
+        return Admission(worker=bind(policy, registry, queue, r, roomy))
+    waiter, evicted = queue.push(r, exclude, now + queue_deadline_s(r), future)
+    return Admission(waiter=waiter, evicted=evicted)
+
+
+def report_interval(policy: RoutingPolicy, configured_s: float) -> float:
+    """How often workers report load to this balancer: the policy's own scrape interval when it has one."""
+    return policy.report_interval_s if policy.report_interval_s is not None else configured_s
+
+
 def has_room(w: WorkerState, tokens_needed: int) -> bool:
     """A free sequence slot and unpromised KV for the request; an idle worker always has room."""
     if w.outstanding == 0:

@@ -9,8 +9,7 @@ from typing import AsyncIterator, Sequence
 
 import grpc
 
-from balancer.estimate import kv_tokens_needed
-from balancer.queue import GlobalQueue, QueueFull, bind, drain, has_room
+from balancer.queue import Admission, GlobalQueue, QueueFull, admit, bind, drain, report_interval
 from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy
@@ -37,7 +36,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         self.cfg = cfg
         self.tracer = telemetry.tracer
         self.registry = Registry(time.monotonic, cfg.worker_timeout_s)
-        self.policy = make_policy(cfg.routing_policy)
+        self.policy = make_policy(cfg.routing_policy, **cfg.routing_options)
         self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at)
         self._background: set[asyncio.Task] = set()
 
@@ -58,7 +57,8 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
             task = asyncio.create_task(self._learn_capacity(state))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return balancer_pb2.RegisterWorkerResponse(report_interval_s=self.cfg.report_interval_s)
+        return balancer_pb2.RegisterWorkerResponse(
+            report_interval_s=report_interval(self.policy, self.cfg.report_interval_s))
 
     async def _learn_capacity(self, state: WorkerState) -> None:
         """Ask the Profiler how fast this worker is; off the registration path, best effort."""
@@ -111,26 +111,19 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE,
                                     f"no worker available ({len(self.registry.workers)} registered, "
                                     f"{len(exclude)} excluded)")
-            need = kv_tokens_needed(r)
-            if not self.policy.late_binding:
-                roomy = candidates
-            else:
-                roomy = [w for w in candidates if has_room(w, need)] if not self.queue.waiters else []
-            if roomy:
-                choice = self._bind(r, roomy)
-            else:
-                choice = await self._wait_in_queue(r, exclude, context, span)
+            try:
+                admission = admit(self.policy, self.registry, self.queue, r, candidates, time.monotonic(), exclude,
+                                  asyncio.get_running_loop().create_future())
+            except QueueFull as e:
+                await self._shed(context, str(e))
+            choice = admission.worker or await self._wait_in_queue(admission, r, context, span)
             span.set_attributes({"tandem.worker_id": choice.worker_id, "tandem.gpu_type": choice.gpu_type})
             return balancer_pb2.RouteResponse(worker_id=choice.worker_id, address=choice.address)
 
-    async def _wait_in_queue(self, r: RouteContext, exclude: frozenset[str], context: grpc.aio.ServicerContext,
+    async def _wait_in_queue(self, admission: Admission, r: RouteContext, context: grpc.aio.ServicerContext,
                              span: object) -> WorkerState:
-        deadline = time.monotonic() + (r.ttft_ms or r.e2e_ms or 60_000) / 1000
-        try:
-            waiter, evicted = self.queue.push(r, exclude, deadline, asyncio.get_running_loop().create_future())
-        except QueueFull as e:
-            await self._shed(context, str(e))
-        for victim in evicted:
+        waiter = admission.waiter
+        for victim in admission.evicted:
             victim.future.set_exception(QueueFull("evicted from the queue by a more important request"))
         span.add_event("queued", {"tandem.queue_length": len(self.queue)})
         self._dispatch()

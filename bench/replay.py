@@ -1,7 +1,9 @@
 """Open-loop replay of a trace against a gateway: arrivals never wait for completions.
 
-Prompts are made of as many words as the trace has input tokens, which the sim tokenizer counts exactly;
-each request asks for exactly its trace output length (``ignore_eos``). Timings are taken on the client.
+Prompts are made of as many words as the trace has input tokens, which the sim tokenizer counts exactly.
+Each request sends ``max_tokens`` as a client would, a cap (the scenario's), never the answer's length; the
+trace's true length travels in the benchmark-only ``replay_truth`` field, which only the worker's executor stop
+rule reads. Timings are taken on the client.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import grpc
 
 from bench.metrics import RequestRecord
 from bench.traces import TraceRequest
-from services.rpc import gateway_pb2, gateway_pb2_grpc
+from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.slo import DEFAULT_SLO_CLASSES, SloClass
 
 
@@ -24,20 +26,39 @@ from services.slo import DEFAULT_SLO_CLASSES, SloClass
 class ReplayItem:
     arrival_s: float
     input_tokens: int
-    output_tokens: int
+    output_tokens: int                 # the trace's true answer length: for the executor's stop rule alone
     slo_class: str = "interactive"
     priority: int = 0
     tenant: str = ""
+    max_tokens: int = 0                # the client's cap, what schedulers see; 0 = the true length (no cap)
+    prefix_hashes: tuple[int, ...] = ()   # ids of the prompt's blocks: equal ids, equal prompt blocks
+
+    @property
+    def cap(self) -> int:
+        return self.max_tokens or self.output_tokens
 
 
-def fit_to_window(items: Sequence[TraceRequest], max_model_len: int, slo_class: str, rate_scale: float = 1.0
-                  ) -> list[ReplayItem]:
-    """Clip lengths so prompt + output fit the model's window (keeping at least one token of each)."""
+DEFAULT_MAX_TOKENS = 2048
+
+
+def clip_to_window(input_tokens: int, output_tokens: int, max_model_len: int,
+                   max_tokens: int | str = DEFAULT_MAX_TOKENS) -> tuple[int, int, int]:
+    """(prompt, true output, cap) fitting the model's window, keeping at least one token of each. The true
+    output is clipped to a quarter of the window; the cap is ``max_tokens`` (or ``"window"``: all the room the
+    prompt leaves), never more than that room."""
+    n_out = max(1, min(output_tokens, max_model_len // 4))
+    n_in = max(1, min(input_tokens, max_model_len - n_out - 1))
+    room = max_model_len - n_in
+    return n_in, n_out, room if max_tokens == "window" else min(int(max_tokens), room)
+
+
+def fit_to_window(items: Sequence[TraceRequest], max_model_len: int, slo_class: str, rate_scale: float = 1.0,
+                  max_tokens: int | str = DEFAULT_MAX_TOKENS) -> list[ReplayItem]:
+    """Trace rows as replay items that fit the model's window, each capped by ``max_tokens`` as a client would."""
     out = []
     for t in items:
-        n_out = max(1, min(t.output_tokens, max_model_len // 4))
-        n_in = max(1, min(t.input_tokens, max_model_len - n_out - 1))
-        out.append(ReplayItem(t.arrival_s / rate_scale, n_in, n_out, slo_class))
+        n_in, n_out, cap = clip_to_window(t.input_tokens, t.output_tokens, max_model_len, max_tokens)
+        out.append(ReplayItem(t.arrival_s / rate_scale, n_in, n_out, slo_class, max_tokens=cap))
     return out
 
 
@@ -61,10 +82,10 @@ async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict
             if delay > 0:
                 await asyncio.sleep(delay)
             record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
-            request = gateway_pb2.GenerateRequest(prompt=prompt_for(item.input_tokens), max_tokens=item.output_tokens,
-                                                  slo_class=item.slo_class, request_id=record.request_id,
-                                                  ignore_eos=True, temperature=0.0, priority=item.priority,
-                                                  tenant=item.tenant)
+            request = gateway_pb2.GenerateRequest(
+                prompt=prompt_for(item.input_tokens), max_tokens=item.cap, slo_class=item.slo_class,
+                request_id=record.request_id, temperature=0.0, priority=item.priority, tenant=item.tenant,
+                replay_truth=common_pb2.ReplayTruth(output_tokens=item.output_tokens))
             try:
                 async for reply in stub.Generate(request, timeout=timeout_s):
                     now = time.perf_counter()

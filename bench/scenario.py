@@ -9,9 +9,13 @@
       - {trace: azure-conv, slo_class: interactive}
       - {trace: azure-code, slo_class: code}
       - {trace: sharegpt, slo_class: batch, arrival: poisson, rate: 0.5}
-      - {trace: path/to/own.csv, slo_class: interactive}      # Azure-format CSV, or .jsonl below
+      - {trace: path/to/own.csv, slo_class: interactive, max_tokens: window}   # Azure-format CSV, or .jsonl
 
 A JSONL trace has one object a line with ``arrival_s``, ``input_tokens`` and ``output_tokens``.
+
+``max_tokens`` is what each request of a source sends as its cap, as a real client does: a number (default
+2048), or ``window`` for whatever fits the context after the prompt. It is clipped to the window either way.
+The trace's true answer length is kept apart (``ReplayItem.output_tokens``), for the executor's stop rule only.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import random
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bench.replay import ReplayItem
+from bench.replay import DEFAULT_MAX_TOKENS, ReplayItem, clip_to_window
 from bench.traces import TraceError, TraceRequest, default_trace_path, load_azure, load_sharegpt_lengths
 from services.yamlfile import load_model
 
@@ -39,6 +43,14 @@ class Source(BaseModel):
     cv: float = Field(2.0, gt=0, description="coefficient of variation of gamma inter-arrivals")
     priority: int = 0
     tenant: str = ""
+    max_tokens: int | Literal["window"] = Field(DEFAULT_MAX_TOKENS, description="the cap each request sends, or 'window'")
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("max_tokens must be positive or 'window'")
+        return v
 
 
 class Scenario(BaseModel):
@@ -113,9 +125,8 @@ def build_workload(sc: Scenario, max_model_len: int) -> list[ReplayItem]:
     items: list[ReplayItem] = []
     for source in sc.sources:
         for r in _requests(source, sc, rng):
-            n_out = max(1, min(r.output_tokens, max_model_len // 4))
-            n_in = max(1, min(r.input_tokens, max_model_len - n_out - 1))
+            n_in, n_out, cap = clip_to_window(r.input_tokens, r.output_tokens, max_model_len, source.max_tokens)
             items.append(ReplayItem(r.arrival_s / sc.rate_scale, n_in, n_out, source.slo_class, source.priority,
-                                    source.tenant))
+                                    source.tenant, max_tokens=cap))
     items.sort(key=lambda i: i.arrival_s)
     return items

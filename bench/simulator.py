@@ -1,11 +1,16 @@
-"""Discrete-event cluster simulator: the real balancer policies and the real engine in virtual time.
+"""Discrete-event cluster simulator: the real balancer decisions and the real engine, in virtual time.
 
-Nothing here re-implements a policy. Every worker is a real ``Scheduler`` with a ``BlockManager`` and an engine
-policy; its steps take the latency model's predicted time. The balancer side uses the real ``Registry``
-accounting, routing policy objects and ``GlobalQueue``, and learns output lengths with the Profiler's
-``LengthPredictor``. Events are arrivals and step completions on one heap; the balancer sees each worker's
-state as of the moment it routes (the live balancer sees reports up to 200 ms old). A worker that can never
-hold a request is skipped, which is where the live gateway's retry would land it.
+Nothing here re-implements a decision. Each worker is the worker's own ``Engine`` (scheduler, block manager,
+engine policy) around the ``SimExecutor``; the simulator calls the engine's two step halves around the sim
+executor's predicted step time, the same expression a live sim worker sleeps for. The balancer side is the real
+``Registry``, routing policy and ``GlobalQueue``, and every new request goes through ``admit``, the function the
+live balancer's Route calls. Workers report ``Engine.load()`` every ``report_interval_s`` (the live default, or
+the policy's own scrape interval), so policies route from reports as stale as live ones plus the balancer's own
+in-flight accounting; ``report_interval_s=0`` gives an instant view instead, for comparison.
+
+Requests carry ``max_tokens`` as the client's cap; the trace's true length goes to the executor's benchmark-only
+stop rule (``TrueLengths``) and to nothing that schedules. A worker that can never hold a request (prompt plus cap
+beyond its KV or window) is skipped, which is where the live gateway's retry would land it.
 """
 
 from __future__ import annotations
@@ -16,45 +21,40 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from balancer.estimate import kv_tokens_needed
-from balancer.queue import GlobalQueue, QueueFull, Waiter, bind, drain, has_room
+from balancer.queue import GlobalQueue, QueueFull, Waiter, admit, bind, drain, report_interval
 from balancer.registry import Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy as make_routing
 from bench.metrics import RequestRecord
 from bench.replay import ReplayItem
-from services.cluster import ClusterSpec, WorkerSpec
-from services.latency import BatchShape, LatencyModel
 from profiler.predictor import LengthPredictor
+from services.cluster import ClusterSpec, WorkerSpec
+from services.latency import LatencyModel
 from services.slo import DEFAULT_SLO_CLASSES, SloClass
-from workers.block_manager import BlockManager
+from workers.build import assemble_engine
 from workers.clock import VirtualClock
-from workers.policies import make_policy as make_engine
+from workers.engine import Engine
+from workers.executors.sim import SimExecutor
 from workers.request import Request, SamplingParams, SloTarget
-from workers.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from workers.scheduler import RequestOutput, SchedulerOutput
 
-ARRIVAL, STEP_DONE, ENQUEUE = 0, 1, 2
+ARRIVAL, ENQUEUE, STEP_DONE, REPORT = range(4)
 
 
-@dataclass
+@dataclass(eq=False)
 class SimWorker:
     spec: WorkerSpec
-    state: WorkerState
-    latency: LatencyModel                  # or anything with its interface (ProfiledLatency)
-    scheduler: Scheduler
+    state: WorkerState                    # the balancer's view of it
+    engine: Engine
+    executor: SimExecutor
     busy: bool = False
-    out: SchedulerOutput | None = None
-    busy_s: float = 0.0
     busy_bins: dict[int, float] = field(default_factory=lambda: defaultdict(float))
 
-    def sync(self) -> None:
-        """What a load report would say, as of now."""
-        s, st = self.scheduler, self.state
-        st.running, st.waiting = s.num_running, s.num_waiting
-        st.kv_blocks_used, st.kv_blocks_free = s.blocks.num_used_blocks, s.blocks.num_free_blocks
-        st.pending_prefill_tokens = s.pending_prefill_tokens()
-        st.decode_context_tokens = s.decode_context_tokens()
-        st.routed_since_report = 0
+    def fits(self, item: ReplayItem) -> bool:
+        """Whether prompt plus cap could ever be held (the live worker answers RESOURCE_EXHAUSTED otherwise)."""
+        blocks = self.engine.scheduler.blocks
+        need = item.input_tokens + item.cap
+        return -(-need // blocks.block_size) <= blocks.num_blocks and need <= self.executor.max_model_len
 
 
 @dataclass
@@ -71,59 +71,76 @@ class Simulator:
     def __init__(self, cluster: ClusterSpec, routing: str | None = None, engine: str | None = None, *,
                  slo_classes: dict[str, SloClass] | None = None, seed: int = 0, bin_s: float = 10.0,
                  latency: dict[str, object] | None = None, request_overhead_s: float = 0.0,
-                 step_overhead_s: float = 0.0, step_overhead_per_seq_s: float = 0.0) -> None:
+                 step_overhead_s: float = 0.0, step_overhead_per_seq_s: float = 0.0,
+                 report_interval_s: float | None = None) -> None:
         """``latency`` gives a worker (by id) a latency model other than its datasheet one: a calibrated
         profile, or a ``ProfiledLatency`` for a checkpoint outside the catalog. ``request_overhead_s`` (the
         gateway, routing and tokenizing before the engine sees a request) and ``step_overhead_s`` plus
         ``step_overhead_per_seq_s`` for each further sequence in the batch (the engine loop's own work around a
-        forward pass: scheduling, delivering and writing each request's tokens) are the serving stack's costs
-        beyond the forward pass, measured at idle."""
+        forward pass) are the serving stack's costs beyond the forward pass, measured at idle.
+        ``report_interval_s`` defaults to the cluster file's; 0 lets the balancer see every worker as of now."""
         self.clock = VirtualClock()
         self.routing = routing or cluster.routing_policy
-        self.engine = engine or cluster.engine_policy
-        options = {"seed": seed} if self.routing in ("random", "power_of_two") else {}
-        self.policy = make_routing(self.routing, **options)
+        self.engine_policy = engine or cluster.engine_policy
+        routing_options = cluster.routing_options if self.routing == cluster.routing_policy else {}
+        engine_options = cluster.engine_options if self.engine_policy == cluster.engine_policy else {}
+        self.policy = make_routing(self.routing, seed=seed, **routing_options)
+        configured = cluster.report_interval_s if report_interval_s is None else report_interval_s
+        self.report_interval_s = report_interval(self.policy, configured) if configured > 0 else 0.0
         self.registry = Registry(self.clock.now, timeout_s=float("inf"))
         self.queue = GlobalQueue(cluster.queue_limit, cluster.shed_at)
         self.predictor = LengthPredictor()
         self.classes = slo_classes or cluster.slo_classes or DEFAULT_SLO_CLASSES
         self.bin_s = bin_s
-        self.request_overhead_s, self.step_overhead_s = request_overhead_s, step_overhead_s
-        self.step_overhead_per_seq_s = step_overhead_per_seq_s
+        self.request_overhead_s = request_overhead_s
         self.workers: dict[str, SimWorker] = {}
         for spec in cluster.workers:
             lm = (latency or {}).get(spec.id) or LatencyModel.from_names(spec.gpu_type, spec.model)
-            blocks = spec.kv_blocks or lm.kv_capacity_tokens() // 16
+            executor = SimExecutor(lm, self.clock, step_overhead_s=step_overhead_s,
+                                   seq_overhead_s=step_overhead_per_seq_s)
+            blocks = spec.kv_blocks or lm.kv_capacity_tokens() // spec.block_size
             state = self.registry.register(spec.id, address="sim", model=spec.model, gpu_type=spec.gpu_type,
                                            max_model_len=lm.max_model_len, kv_blocks_total=blocks,
-                                           block_size=16, engine_policy=self.engine, max_num_seqs=spec.max_num_seqs)
+                                           block_size=spec.block_size, engine_policy=self.engine_policy,
+                                           max_num_seqs=spec.max_num_seqs)
             state.latency, state.capacity_tok_s, state.profile_source = lm, lm.saturated_decode_tok_s(), "datasheet"
-            sched = Scheduler(SchedulerConfig(spec.max_num_seqs, spec.max_num_batched_tokens, lm.max_model_len),
-                              BlockManager(blocks, 16), make_engine(self.engine), self.clock)
-            self.workers[spec.id] = SimWorker(spec, state, lm, sched)
+            eng = assemble_engine(executor, blocks, spec.block_size, spec.max_num_seqs, spec.max_num_batched_tokens,
+                                  self.engine_policy, engine_options, self.clock, on_output=self._on_output)
+            self.workers[spec.id] = SimWorker(spec, state, eng, executor)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
         self._records: dict[str, RequestRecord] = {}
         self._items: dict[str, ReplayItem] = {}
+        self._open = 0                       # requests not yet arrived or not yet ended
+        self._finished = 0
 
     # ----- the run -----------------------------------------------------------------------------------
     def run(self, items: Sequence[ReplayItem], progress: Callable[[int], None] | None = None) -> SimResult:
         for i, item in enumerate(items):
             self._push(item.arrival_s, ARRIVAL, (f"q{i}", item))
-        events = done = 0
-        while self._heap:
-            t, _, kind, payload = heapq.heappop(self._heap)
-            self.clock.advance(max(0.0, t - self.clock.now()))
+        self._open = len(items)
+        if self.report_interval_s > 0:
+            n = len(self.workers)
+            for k, worker in enumerate(self.workers.values()):     # reports spread over the interval
+                self._push(self.report_interval_s * k / n, REPORT, worker)
+        events = 0
+        heap, clock = self._heap, self.clock
+        while heap:
+            t, _, kind, payload = heapq.heappop(heap)
+            if t > clock.now():
+                clock.advance(t - clock.now())
             events += 1
-            if kind == ARRIVAL:
-                rid, item = payload  # type: ignore[misc]
-                self._arrive(rid, item)
-            elif kind == ENQUEUE:
-                self._enqueue(*payload)  # type: ignore[misc]
+            if kind == STEP_DONE:
+                done = self._finished
+                self._complete(*payload)  # type: ignore[misc]
+                if progress is not None and self._finished != done:
+                    progress(self._finished)
+            elif kind == REPORT:
+                self._report(payload)  # type: ignore[arg-type]
+            elif kind == ARRIVAL:
+                self._arrive(*payload)  # type: ignore[misc]
             else:
-                done += self._complete(payload)  # type: ignore[arg-type]
-                if progress is not None and done:
-                    progress(done)
+                self._enqueue(*payload)  # type: ignore[misc]
         records = list(self._records.values())
         duration = max((r.token_times[-1] for r in records if r.token_times), default=0.0)
         n_bins = int(duration // self.bin_s) + 1
@@ -134,111 +151,115 @@ class Simulator:
     def _push(self, t: float, kind: int, payload: object) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
 
+    def _end(self, rid: str, error: str = "") -> None:
+        if error:
+            self._records[rid].error = error
+        self._items.pop(rid, None)
+        self._open -= 1
+
     # ----- the balancer's side -----------------------------------------------------------------------
     def _arrive(self, rid: str, item: ReplayItem) -> None:
         slo = self.classes[item.slo_class]
         now = self.clock.now()
         self._records[rid] = RequestRecord(rid, item.slo_class, slo, now, prompt_tokens=item.input_tokens)
         self._items[rid] = item
-        lengths, _ = self.predictor.predict(item.slo_class, item.input_tokens, "", item.output_tokens)
-        ctx = RouteContext(rid, item.slo_class, item.input_tokens, item.output_tokens, lengths[1], item.priority,
-                           item.tenant, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms, slo.sheddable)
-        fits = [w for w in self.workers.values() if self._fits(w, item)]
-        if not fits:
-            self._records[rid].error = "UNAVAILABLE: no worker can hold it"
-            return
-        for w in fits:
-            w.sync()
-        states = [w.state for w in fits]
-        need = kv_tokens_needed(ctx)
-        if not self.policy.late_binding:
-            self._bind(ctx, states)
-            return
-        roomy = [s for s in states if has_room(s, need)] if not self.queue.waiters else []
-        if roomy:
-            self._bind(ctx, roomy)
+        lengths, _ = self.predictor.predict(item.slo_class, item.input_tokens, "", item.cap)
+        ctx = RouteContext(rid, item.slo_class, item.input_tokens, item.cap, lengths[1], item.priority,
+                           item.tenant, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms, slo.sheddable, item.prefix_hashes)
+        candidates = self._candidates(item)
+        if not candidates:
+            self._end(rid, "UNAVAILABLE: no worker can hold it")
             return
         try:
-            _, evicted = self.queue.push(ctx, frozenset(), now + (slo.ttft_ms or slo.e2e_ms) / 1000)
+            admission = admit(self.policy, self.registry, self.queue, ctx, candidates, now)
         except QueueFull as e:
-            self._records[rid].error = f"RESOURCE_EXHAUSTED: {e}"
+            self._end(rid, f"RESOURCE_EXHAUSTED: {e}")
             return
-        for victim in evicted:
-            self._records[victim.request.request_id].error = "RESOURCE_EXHAUSTED: evicted"
+        for victim in admission.evicted:
+            self._end(victim.request.request_id, "RESOURCE_EXHAUSTED: evicted")
+        if admission.worker is not None:
+            self._bound(ctx, admission.worker)
 
-    def _fits(self, w: SimWorker, item: ReplayItem) -> bool:
-        blocks = w.scheduler.blocks
-        return -(-(item.input_tokens + item.output_tokens) // blocks.block_size) <= blocks.num_blocks and \
-            item.input_tokens + item.output_tokens <= w.scheduler.config.max_model_len
+    def _candidates(self, item: ReplayItem) -> list[WorkerState]:
+        """The balancer's view of the workers that can ever hold ``item``: their last reports, or their state as
+        of now when reports are instant."""
+        fits = [w for w in self.workers.values() if w.fits(item)]
+        if self.report_interval_s == 0:
+            for w in fits:
+                self.registry.report(w.spec.id, **w.engine.load())
+        return [w.state for w in fits]
 
-    def _bind(self, ctx: RouteContext, candidates: list[WorkerState]) -> None:
-        choice = bind(self.policy, self.registry, self.queue, ctx, candidates)
-        self._records[ctx.request_id].worker_id = choice.worker_id
+    def _report(self, worker: SimWorker) -> None:
+        """A worker's periodic load report; as live, the balancer then tries to bind queued requests."""
+        self.registry.report(worker.spec.id, **worker.engine.load())
+        if self.queue.waiters:
+            self._dispatch()
+        if self._open > 0:
+            self._push(self.clock.now() + self.report_interval_s, REPORT, worker)
+
+    def _dispatch(self) -> None:
+        for waiter, roomy in drain(self.queue, self._waiter_candidates):
+            self._bound(waiter.request, bind(self.policy, self.registry, self.queue, waiter.request, roomy))
+
+    def _waiter_candidates(self, waiter: Waiter) -> list[WorkerState]:
+        return self._candidates(self._items[waiter.request.request_id])
+
+    def _bound(self, ctx: RouteContext, state: WorkerState) -> None:
+        self._records[ctx.request_id].worker_id = state.worker_id
         if self.request_overhead_s:
-            self._push(self.clock.now() + self.request_overhead_s, ENQUEUE, (choice.worker_id, ctx))
+            self._push(self.clock.now() + self.request_overhead_s, ENQUEUE, (state.worker_id, ctx))
         else:
-            self._enqueue(choice.worker_id, ctx)
+            self._enqueue(state.worker_id, ctx)
 
+    # ----- the workers' side -------------------------------------------------------------------------
     def _enqueue(self, worker_id: str, ctx: RouteContext) -> None:
-        """The request reaches the worker's engine."""
+        """The request reaches the worker's engine, as the live worker's Generate hands it over."""
         worker = self.workers[worker_id]
         item = self._items[ctx.request_id]
         slo = self.classes[item.slo_class]
-        oracle = self.engine == "oracle"
-        worker.scheduler.add_request(Request(
-            ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.output_tokens, ignore_eos=True),
+        worker.engine.submit(Request(
+            ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.cap),
             self._records[ctx.request_id].arrival, priority=item.priority, tenant=item.tenant,
             slo=SloTarget(item.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
-            predicted_output_len=float(item.output_tokens) if oracle else ctx.predicted_output))
+            eos_token_id=worker.executor.tokenizer.eos_token_id, predicted_output_len=ctx.predicted_output),
+            item.output_tokens)
         if not worker.busy:
             self._start(worker)
 
-    def _dispatch(self) -> None:
-        for waiter, roomy in drain(self.queue, self._candidates):
-            self._bind(waiter.request, roomy)
-
-    def _candidates(self, waiter: Waiter) -> list[WorkerState]:
-        """Workers that can ever hold the request, with their state as of now."""
-        fits = [w for w in self.workers.values() if self._fits(w, self._items[waiter.request.request_id])]
-        for w in fits:
-            w.sync()
-        return [w.state for w in fits]
-
-    # ----- the workers' side -------------------------------------------------------------------------
     def _start(self, worker: SimWorker) -> None:
-        out = worker.scheduler.schedule()
-        if not out.scheduled:
+        out = worker.engine.begin_step()
+        if out is None:
             worker.busy = False
             return
-        step = worker.latency.step_time(BatchShape.of((s.num_new_tokens, s.context_before) for s in out.scheduled)) \
-            + self.step_overhead_s + self.step_overhead_per_seq_s * (len(out.scheduled) - 1)
         now = self.clock.now()
-        worker.busy, worker.out = True, out
-        worker.busy_s += step
-        b, t, end = int(now // self.bin_s), now, now + step          # spread the step over the bins it covers
+        end = now + worker.executor.step_time(out)
+        worker.busy = True
+        b, t = int(now // self.bin_s), now                  # spread the step over the bins it covers
         while t < end:
             edge = min(end, (b + 1) * self.bin_s)
             worker.busy_bins[b] += edge - t
             t, b = edge, b + 1
-        self._push(end, STEP_DONE, worker)
+        self._push(end, STEP_DONE, (worker, out, now))
 
-    def _complete(self, worker: SimWorker) -> int:
-        out, worker.out = worker.out, None
-        now = self.clock.now()
-        finished = 0
-        for result in worker.scheduler.update(out, {s.request.request_id: 7 for s in out.scheduled if s.samples}):
-            request = result.request
-            record = self._records[request.request_id]
-            record.token_times.append(now)
-            if result.finished:
-                finished += 1
-                record.ok, record.finish_reason = True, result.finish_reason or ""
-                record.preemptions = request.num_preemptions
-                record.queue_ms = ((request.first_scheduled_time or now) - request.arrival_time) * 1000
-                self.registry.release(request.request_id)
-                item = self._items.pop(request.request_id)
-                self.predictor.observe(item.slo_class, item.input_tokens, "", record.completion_tokens)
-        if finished and self.queue.waiters:
+    def _complete(self, worker: SimWorker, out: SchedulerOutput, start: float) -> None:
+        finished = self._finished
+        worker.engine.end_step(out, worker.executor.sample(out), start, self.clock.now() - start)
+        if self._finished != finished and self.queue.waiters:
             self._dispatch()
         self._start(worker)
-        return finished
+
+    def _on_output(self, output: RequestOutput) -> None:
+        """A token reached its client; a finished request releases its place at the balancer."""
+        request = output.request
+        rid = request.request_id
+        record = self._records[rid]
+        record.token_times.append(self.clock.now())
+        if output.finished:
+            self._finished += 1
+            record.ok, record.finish_reason = True, output.finish_reason or ""
+            record.preemptions = request.num_preemptions
+            record.queue_ms = ((request.first_scheduled_time or self.clock.now()) - request.arrival_time) * 1000
+            self.registry.release(rid)
+            item = self._items[rid]
+            self.predictor.observe(item.slo_class, item.input_tokens, "", record.completion_tokens)
+            self._end(rid)

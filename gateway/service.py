@@ -124,7 +124,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     ignore_eos=request.ignore_eos),
                 slo=common_pb2.SloSpec(slo_class=slo_class, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
                                        e2e_ms=slo.e2e_ms, sheddable=slo.sheddable),
-                predicted_length=await self._predict(slo_class, max_tokens, request.prompt))
+                predicted_length=await self._predict(slo_class, max_tokens, request.prompt),
+                replay_truth=request.replay_truth)      # benchmark-only: passed on unread
             route = balancer_pb2.RouteRequest(request_id=request_id, slo_class=slo_class,
                                               prompt_chars=len(request.prompt), max_tokens=max_tokens,
                                               priority=request.priority, tenant=tenant,

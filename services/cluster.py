@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,7 @@ class WorkerSpec(BaseModel):
     model: str = "llama-2-7b"
     port: int = Field(0, ge=0, le=65535)
     kv_blocks: int = Field(0, ge=0)
+    block_size: int = Field(16, gt=0)
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(2048, gt=0)
     time_scale: float = Field(1.0, gt=0)
@@ -43,14 +44,39 @@ class WorkerSpec(BaseModel):
 
 
 class ClusterSpec(BaseModel):
+    """``routing_policy``/``engine_policy`` name a policy; ``routing``/``engine`` may instead give a name with
+    options, as in ``routing: {name: prefix_affinity, slack: 2}``."""
+
     model_config = ConfigDict(extra="forbid")
 
     routing_policy: str = "capacity"
+    routing_options: dict[str, Any] = Field(default_factory=dict)
     engine_policy: str = "fcfs"
+    engine_options: dict[str, Any] = Field(default_factory=dict)
+    report_interval_s: float = Field(0.2, gt=0, description="how often workers report load to the balancer")
     queue_limit: int = Field(512, gt=0)
     shed_at: float = Field(0.5, ge=0, le=1)
     slo_classes: dict[str, SloClass] | None = None
     workers: list[WorkerSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _policy_with_options(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for level in ("routing", "engine"):
+            choice = data.pop(level, None)
+            if choice is None:
+                continue
+            if isinstance(choice, str):
+                choice = {"name": choice}
+            if not isinstance(choice, dict) or "name" not in choice:
+                raise ValueError(f"{level}: expected a policy name or {{name: ..., option: value}}, got {choice!r}")
+            options = dict(choice)
+            data[f"{level}_policy"] = options.pop("name")
+            data[f"{level}_options"] = options
+        return data
 
     @field_validator("workers")
     @classmethod

@@ -85,6 +85,10 @@ class LatencyModel:
     def max_model_len(self) -> int:
         return self.model.max_model_len
 
+    @property
+    def vocab_size(self) -> int:
+        return self.model.vocab_size
+
     def prefill_time(self, prompt_tokens: int) -> float:
         return self.step_time(BatchShape((prompt_tokens,), (0,)))
 

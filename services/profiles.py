@@ -58,10 +58,12 @@ class ProfiledLatency:
     """A calibrated worker's latency when its model is outside the catalog (a local checkpoint): the fitted
     coefficients alone, with the interface of ``LatencyModel`` that the simulator and the balancer use."""
 
-    def __init__(self, fitted: FittedLatency, kv_capacity_tokens: int, max_model_len: int) -> None:
+    def __init__(self, fitted: FittedLatency, kv_capacity_tokens: int, max_model_len: int,
+                 vocab_size: int = 32000) -> None:
         self.fitted = fitted
         self._kv = kv_capacity_tokens
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
 
     def step_time(self, shape: BatchShape) -> float:
         return self.fitted.predict_step(shape.new_tokens, shape.context_before)

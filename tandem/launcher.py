@@ -8,6 +8,7 @@ and is stopped with SIGTERM (graceful drain), then SIGKILL if it does not exit i
 from __future__ import annotations
 
 import os
+import json
 import signal
 import subprocess
 import sys
@@ -76,6 +77,8 @@ class LocalStack:
         try:
             self._launch("profiler", ["--db-path", str(self.profiles_db or self.log_dir / "profiles.sqlite")], deadline)
             self._launch("balancer", ["--routing-policy", self.cluster.routing_policy,
+                                      "--routing-options", json.dumps(self.cluster.routing_options),
+                                      "--report-interval-s", str(self.cluster.report_interval_s),
                                       "--queue-limit", str(self.cluster.queue_limit),
                                       "--shed-at", str(self.cluster.shed_at),
                                       "--profiler-address", self.profiler_address], deadline)
@@ -86,7 +89,6 @@ class LocalStack:
             gateway_args = ["--port", str(self.gateway_port), "--balancer-address", self.balancer_address,
                             "--profiler-address", self.profiler_address]
             if self.cluster.slo_classes:
-                import json
                 gateway_args += ["--slo-classes", json.dumps({k: v.model_dump() for k, v in self.cluster.slo_classes.items()})]
             self._launch("gateway", gateway_args, deadline)
             self.wait_for_workers(len(self.cluster.workers), deadline - time.monotonic())
@@ -98,9 +100,10 @@ class LocalStack:
     def start_worker(self, spec: WorkerSpec, wait: bool = True, timeout: float = 30.0) -> Process:
         args = ["--worker-id", spec.id, "--port", str(spec.port), "--executor", spec.executor,
                 *(["--gpu-type", spec.gpu_type] if spec.gpu_type else []), "--device", spec.device,
-                "--dtype", spec.dtype, "--torch-threads", str(spec.torch_threads), "--model", spec.model, "--engine-policy", self.cluster.engine_policy,
+                "--dtype", spec.dtype, "--torch-threads", str(spec.torch_threads), "--model", spec.model,
+                "--engine-policy", self.cluster.engine_policy, "--engine-options", json.dumps(self.cluster.engine_options),
                 "--balancer-address", self.balancer_address, "--profiler-address", self.profiler_address,
-                "--kv-blocks", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
+                "--kv-blocks", str(spec.kv_blocks), "--block-size", str(spec.block_size), "--max-num-seqs", str(spec.max_num_seqs),
                 "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale)]
         name = f"worker-{spec.id}"
         if wait:

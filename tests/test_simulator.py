@@ -34,7 +34,7 @@ def test_every_request_is_accounted_for_and_nothing_leaks():
     assert len(done) == len(items) and all(r.completion_tokens == i.output_tokens
                                            for r, i in zip(sorted(result.records, key=lambda r: int(r.request_id[1:])),
                                                            items))
-    assert all(w.scheduler.blocks.num_used_blocks == 0 and not w.scheduler.has_work() for w in sim.workers.values())
+    assert all(w.engine.scheduler.blocks.num_used_blocks == 0 and not w.engine.scheduler.has_work() for w in sim.workers.values())
     assert not sim.registry.assignments and all(w.state.outstanding == 0 for w in sim.workers.values())
     assert all(0 <= u <= 1 for series in result.utilization.values() for u in series)
 

@@ -42,8 +42,16 @@ def build_engine(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None
     executor, num_blocks = build_executor(cfg, clock, latency)
     if num_blocks <= 0:
         raise ValueError(f"{cfg.model} leaves no KV memory on {cfg.gpu_type}; set --kv-blocks")
-    blocks = BlockManager(num_blocks, cfg.block_size)
+    return assemble_engine(executor, num_blocks, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                           cfg.engine_policy, cfg.engine_options, clock, **engine_kw)
+
+
+def assemble_engine(executor: Executor, num_blocks: int, block_size: int, max_num_seqs: int,
+                    max_num_batched_tokens: int, policy: str, policy_options: dict[str, object], clock: Clock,
+                    **engine_kw: object) -> Engine:
+    """An engine around ``executor``: its blocks, scheduler and policy. The worker and the simulator both use it."""
+    blocks = BlockManager(num_blocks, block_size)
     executor.bind_blocks(blocks)
-    scheduler = Scheduler(SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens, executor.max_model_len),
-                          blocks, make_policy(cfg.engine_policy), clock)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, executor.max_model_len), blocks,
+                          make_policy(policy, true_lengths=executor.true_lengths, **policy_options), clock)
     return Engine(scheduler, executor, clock, **engine_kw)

@@ -3,6 +3,11 @@
 Requests join and leave between iterations. Each request's outputs go to its own ``RequestStream``; a reader
 that falls behind gets everything pending coalesced into one chunk. Cancelling is dropping the stream:
 ``abort`` frees the request's blocks at once, even while a step that includes it is running.
+
+An iteration is ``begin_step`` (schedule), the executor's work, then ``end_step`` (update, deliver, count). The
+worker's ``run`` loop awaits the executor in between; the simulator calls the same two halves around the sim
+executor's predicted step time in virtual time, so both run one engine. ``load`` is the one load snapshot the
+worker reports to the balancer and the simulator feeds its balancer.
 """
 
 from __future__ import annotations
@@ -70,11 +75,13 @@ class RequestStream:
 class Engine:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock,
                  on_iteration: Callable[[IterationStats, SchedulerOutput], None] | None = None,
-                 step_time_ema: float = 0.2) -> None:
+                 step_time_ema: float = 0.2, on_output: Callable[[RequestOutput], None] | None = None) -> None:
+        """``on_output`` receives the outputs of requests added with ``submit`` (no stream: the simulator)."""
         self.scheduler = scheduler
         self.executor = executor
         self.clock = clock
         self.on_iteration = on_iteration
+        self.on_output = on_output
         self._streams: dict[str, RequestStream] = {}
         self._wake = asyncio.Event()
         self.step_lock = asyncio.Lock()      # held for each iteration; calibration probes take it in between
@@ -87,15 +94,22 @@ class Engine:
         self._ema = step_time_ema
 
     # ----- requests ----------------------------------------------------------------------------------
-    def add_request(self, request: Request) -> RequestStream:
-        if not self._accepting:
-            raise RuntimeError("engine is draining")
-        self.scheduler.add_request(request)
+    def add_request(self, request: Request, true_output_len: int = 0) -> RequestStream:
+        """Queue ``request``; its tokens arrive on the returned stream. ``true_output_len`` (replay only) goes to
+        the executor's stop rule and nowhere else."""
+        self.submit(request, true_output_len)
         stream = RequestStream(request, Detokenizer(self.executor.tokenizer, request.sampling.stop,
                                                     request.prompt_token_ids))
         self._streams[request.request_id] = stream
-        self._wake.set()
         return stream
+
+    def submit(self, request: Request, true_output_len: int = 0) -> None:
+        """Queue ``request`` without a stream: its outputs go to ``on_output``."""
+        if not self._accepting:
+            raise RuntimeError("engine is draining")
+        self.scheduler.add_request(request)
+        self.executor.true_lengths.set(request.request_id, true_output_len)
+        self._wake.set()
 
     def abort(self, request_id: str) -> bool:
         request = self.scheduler.abort_request(request_id)
@@ -132,8 +146,8 @@ class Engine:
                 await self._wake.wait()
                 continue
             async with self.step_lock:
-                out = self.scheduler.schedule()
-                if not out.scheduled:
+                out = self.begin_step()
+                if out is None:
                     # nothing fits this instant (all blocks held by requests being aborted); let others run
                     await asyncio.sleep(0.001)
                     continue
@@ -145,24 +159,46 @@ class Engine:
                     for item in out.scheduled:
                         self.abort(item.request.request_id)
                     continue
-                step = self.clock.now() - start
-                self._deliver(self.scheduler.update(out, sampled))
-            self.iterations += 1
-            ms = step * 1000.0
-            self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
-            self.preemptions += len(out.preempted)
-            stats = IterationStats(self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
-                                   out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
-                                   self.scheduler.num_waiting)
-            self.recent.append(stats)
-            if self.on_iteration is not None:
-                self.on_iteration(stats, out)
+                self.end_step(out, sampled, start, self.clock.now() - start)
+
+    # ----- one iteration, in two halves --------------------------------------------------------------
+    def begin_step(self) -> SchedulerOutput | None:
+        """Schedule the next batch; None when nothing can run now."""
+        out = self.scheduler.schedule()
+        return out if out.scheduled else None
+
+    def end_step(self, out: SchedulerOutput, sampled: dict[str, int], start: float, step: float) -> None:
+        """Apply a step's sampled tokens, deliver them, and count the iteration."""
+        self._deliver(self.scheduler.update(out, sampled))
+        self.iterations += 1
+        ms = step * 1000.0
+        self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
+        self.preemptions += len(out.preempted)
+        stats = IterationStats(self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
+                               out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
+                               self.scheduler.num_waiting)
+        self.recent.append(stats)
+        if self.on_iteration is not None:
+            self.on_iteration(stats, out)
+
+    def load(self) -> dict[str, object]:
+        """What a load report says now (the balancer's ``LOAD_FIELDS``): one snapshot for the live worker's
+        reports and the simulator's."""
+        s = self.scheduler
+        return {"running": s.num_running, "waiting": s.num_waiting, "kv_blocks_used": s.blocks.num_used_blocks,
+                "kv_blocks_free": s.blocks.num_free_blocks, "step_time_ms": self.step_time_ms,
+                "pending_prefill_tokens": s.pending_prefill_tokens(), "decode_context_tokens": s.decode_context_tokens(),
+                "iterations": self.iterations, "draining": not self._accepting}
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             request = output.request
             stream = self._streams.get(request.request_id)
             if stream is None:
+                if self.on_output is not None:
+                    if output.finished:
+                        self.executor.release(request.request_id)
+                    self.on_output(output)
                 continue
             text, stopped = stream.detokenizer.add(request.output_token_ids)
             reason = output.finish_reason

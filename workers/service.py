@@ -76,7 +76,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                                  "tandem.gpu_type": self.cfg.gpu_type, "tandem.slo_class": request.slo.slo_class,
                                  "tandem.prompt_tokens": engine_request.num_prompt_tokens})
             try:
-                stream = self.engine.add_request(engine_request)
+                stream = self.engine.add_request(engine_request, request.replay_truth.output_tokens)
             except RuntimeError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.cfg.worker_id}: {e}")
             except ValueError as e:
@@ -218,13 +218,7 @@ class BalancerLink:
         self._stub = balancer_pb2_grpc.BalancerStub(self._channel)
 
     def load_report(self) -> balancer_pb2.LoadReport:
-        s = self.engine.scheduler
-        return balancer_pb2.LoadReport(
-            worker_id=self.info.worker_id, running=s.num_running, waiting=s.num_waiting,
-            kv_blocks_used=s.blocks.num_used_blocks, kv_blocks_free=s.blocks.num_free_blocks,
-            step_time_ms=self.engine.step_time_ms, pending_prefill_tokens=s.pending_prefill_tokens(),
-            decode_context_tokens=s.decode_context_tokens(), iterations=self.engine.iterations,
-            draining=not self.engine.accepting)
+        return balancer_pb2.LoadReport(worker_id=self.info.worker_id, **self.engine.load())
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())

@@ -21,6 +21,12 @@ class RoutingPolicy:
     #: Bind a request only to a worker with room, waiting in the balancer's queue otherwise. Baselines route
     #: at once to any live worker and let requests queue there, as a plain load balancer in front of vLLM does.
     late_binding: ClassVar[bool] = True
+    #: What the host must supply to the constructor, by name: "seed" (an int for a seeded generator). Options
+    #: from a cluster file (``routing: {name: prefix_affinity, slack: 2}``) are passed as keyword arguments too.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    #: How old the load reports this policy routes from may be, in seconds (llm-d scrapes every 50 ms); None
+    #: takes the balancer's configured interval. The live balancer and the simulator both honour it.
+    report_interval_s: ClassVar[float | None] = None
 
     def route(self, request: RouteContext, candidates: Sequence[WorkerState]) -> WorkerState:
         if not candidates:
@@ -48,9 +54,19 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, **options: object) -> RoutingPolicy:
+def policy_class(name: str) -> type[RoutingPolicy]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}") from None
-    return cls(**options)
+
+
+def make_policy(name: str, *, seed: int = 0, **options: object) -> RoutingPolicy:
+    """The policy called ``name`` with its options; the seed goes only to policies that declare they need one."""
+    cls = policy_class(name)
+    if "seed" in cls.needs:
+        options["seed"] = seed
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ValueError(f"routing policy {name!r}: bad options {sorted(options)}: {e}") from None

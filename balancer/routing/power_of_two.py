@@ -12,6 +12,7 @@ from balancer.routing.base import RouteContext, RoutingPolicy, register
 @register
 class PowerOfTwo(RoutingPolicy):
     name = "power_of_two"
+    needs = frozenset({"seed"})
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)

@@ -14,6 +14,7 @@ class RandomChoice(RoutingPolicy):
     name = "random"
     slo_aware = False
     late_binding = False
+    needs = frozenset({"seed"})
 
     def __init__(self, seed: int = 0) -> None:
         self.rng = random.Random(seed)

@@ -7,12 +7,14 @@ from typing import Protocol
 from workers.block_manager import BlockManager
 from workers.scheduler import SchedulerOutput
 from workers.tokenizer import Tokenizer
+from workers.true_lengths import TrueLengths
 
 
 class Executor(Protocol):
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+    true_lengths: TrueLengths          # benchmark-only: replayed answers' lengths, for the stop rule alone
 
     def bind_blocks(self, blocks: BlockManager) -> None:
         """The engine's block manager: an executor with a paged cache sizes and indexes it by these blocks."""

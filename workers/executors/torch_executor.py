@@ -19,6 +19,7 @@ from workers.block_manager import BlockManager
 from workers.executors.llama import CheckpointError, LlamaArch, PagedLlama, StepInputs
 from workers.request import Request
 from workers.scheduler import SchedulerOutput
+from workers.true_lengths import TrueLengths
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,6 +79,7 @@ class TorchExecutor:
             arch.max_position_embeddings
         self.blocks: BlockManager | None = None
         self._generators: dict[str, torch.Generator] = {}
+        self.true_lengths = TrueLengths()
 
     # ----- KV memory ---------------------------------------------------------------------------------
     def kv_blocks_for_memory(self, block_size: int, memory_utilization: float) -> int:
@@ -164,10 +166,13 @@ class TorchExecutor:
 
     async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
         step, requests = self.prepare(batch)
-        return await asyncio.to_thread(self.run, step, requests)
+        sampled = await asyncio.to_thread(self.run, step, requests)
+        self.true_lengths.end_answers(batch, sampled, self.tokenizer.eos_token_id)
+        return sampled
 
     def release(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
+        self.true_lengths.forget(request_id)
 
     # ----- sampling ----------------------------------------------------------------------------------
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> dict[str, int]:

@@ -18,6 +18,9 @@ class EnginePolicy:
     #: True when ``key`` never changes while a request waits, so the scheduler can keep queues sorted by
     #: insertion instead of sorting every iteration.
     static_key: ClassVar[bool] = True
+    #: What the host must hand the constructor, by name: "true_lengths" (the executor's benchmark-only
+    #: ``TrueLengths``) for clairvoyant references. Options from a cluster file are keyword arguments too.
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def key(self, request: Request, now: float) -> tuple:
         """Sort key: smaller goes first, both for admission and for the running batch."""
@@ -56,9 +59,21 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, **options: object) -> EnginePolicy:
+def policy_class(name: str) -> type[EnginePolicy]:
     try:
-        cls: Callable[..., EnginePolicy] = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown engine policy {name!r}; known: {', '.join(policy_names())}") from None
-    return cls(**options)
+
+
+def make_policy(name: str, *, true_lengths: object = None, **options: object) -> EnginePolicy:
+    """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them."""
+    cls = policy_class(name)
+    if "true_lengths" in cls.needs:
+        if true_lengths is None:
+            raise ValueError(f"engine policy {name!r} is a clairvoyant reference: it needs replayed true lengths")
+        options["true_lengths"] = true_lengths
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise ValueError(f"engine policy {name!r}: bad options {sorted(options)}: {e}") from None

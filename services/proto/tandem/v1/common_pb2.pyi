@@ -24,6 +24,12 @@ class SamplingParams(_message.Message):
     ignore_eos: bool
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
+class ReplayTruth(_message.Message):
+    __slots__ = ("output_tokens",)
+    OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    output_tokens: int
+    def __init__(self, output_tokens: _Optional[int] = ...) -> None: ...
+
 class SloSpec(_message.Message):
     __slots__ = ("slo_class", "ttft_ms", "tpot_ms", "e2e_ms", "sheddable")
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
