@@ -1,6 +1,8 @@
 """Open-loop replay of a trace against a gateway: arrivals never wait for completions.
 
-Prompts are made of as many words as the trace has input tokens, which the sim tokenizer counts exactly.
+Prompts are made of as many words as the trace has input tokens, which the sim tokenizer counts exactly. Where a
+trace names the prompt's blocks (``prefix_hashes``), each block's words follow from its id, so requests that share
+ids share prompt text, and the gateway's own text hashes (and every cache behind it) see the trace's sharing.
 Each request sends ``max_tokens`` as a client would, a cap (the scenario's), never the answer's length; the
 trace's true length travels in the benchmark-only ``replay_truth`` field, which only the worker's executor stop
 rule reads. Timings are taken on the client.
@@ -32,6 +34,7 @@ class ReplayItem:
     tenant: str = ""
     max_tokens: int = 0                # the client's cap, what schedulers see; 0 = the true length (no cap)
     prefix_hashes: tuple[int, ...] = ()   # ids of the prompt's blocks: equal ids, equal prompt blocks
+    block_tokens: int = 512               # tokens per prefix_hashes block, as the trace counted them
 
     @property
     def cap(self) -> int:
@@ -66,12 +69,27 @@ def prompt_of(n_tokens: int) -> str:
     return " ".join(["tok"] * n_tokens)
 
 
+def prompt_for_item(item: ReplayItem, block_tokens: int | None = None) -> str:
+    """Exactly ``item.input_tokens`` words. Block k's words are ``b{id}w{j}``, a function of its id alone, so equal
+    ids give equal text; words past the named blocks are unique to this call, so they share with nothing. No ids:
+    ``prompt_of``. ``block_tokens`` defaults to the item's own (the trace source's)."""
+    if not item.prefix_hashes:
+        return prompt_of(item.input_tokens)
+    size = block_tokens or item.block_tokens
+    blocks = item.prefix_hashes[:-(-item.input_tokens // size)]
+    words = [f"b{h}w{j}" for h in blocks for j in range(size)][:item.input_tokens]
+    tag = uuid.uuid4().hex[:12]
+    words += [f"u{tag}w{j}" for j in range(item.input_tokens - len(words))]
+    return " ".join(words)
+
+
 async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict[str, SloClass] | None = None,
                  timeout_s: float = 300.0, on_done: Callable[[RequestRecord], None] | None = None,
-                 prompt_for: Callable[[int], str] = None) -> tuple[list[RequestRecord], float]:
-    """Send every item at its arrival time; return the records and the run's duration in seconds."""
+                 prompt_for: Callable[[ReplayItem], str] | None = None) -> tuple[list[RequestRecord], float]:
+    """Send every item at its arrival time; return the records and the run's duration in seconds. Prompts come
+    from ``prompt_for(item)``, by default ``prompt_for_item`` (shared text where the trace shares blocks)."""
     classes = slo_classes or DEFAULT_SLO_CLASSES
-    prompt_for = prompt_for or prompt_of
+    prompt_for = prompt_for or prompt_for_item
     records: list[RequestRecord] = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -83,7 +101,7 @@ async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict
                 await asyncio.sleep(delay)
             record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
             request = gateway_pb2.GenerateRequest(
-                prompt=prompt_for(item.input_tokens), max_tokens=item.cap, slo_class=item.slo_class,
+                prompt=prompt_for(item), max_tokens=item.cap, slo_class=item.slo_class,
                 request_id=record.request_id, temperature=0.0, priority=item.priority, tenant=item.tenant,
                 replay_truth=common_pb2.ReplayTruth(output_tokens=item.output_tokens))
             try:

@@ -11,7 +11,10 @@
       - {trace: sharegpt, slo_class: batch, arrival: poisson, rate: 0.5}
       - {trace: path/to/own.csv, slo_class: interactive, max_tokens: window}   # Azure-format CSV, or .jsonl
 
-A JSONL trace has one object a line with ``arrival_s``, ``input_tokens`` and ``output_tokens``.
+A JSONL trace has one object a line, either with ``arrival_s``, ``input_tokens`` and ``output_tokens``, or in
+the published prefix-sharing traces' scheme (Mooncake's): ``timestamp`` (ms), ``input_length``, ``output_length`` and
+``hash_ids``, the ids of the prompt's blocks of ``block_tokens`` tokens (512 there; the last may be partial). Equal ids
+become equal prompt text on replay, so prefix caches and prefix-aware routing see the trace's sharing.
 
 ``max_tokens`` is what each request of a source sends as its cap, as a real client does: a number (default
 2048), or ``window`` for whatever fits the context after the prompt. It is clipped to the window either way.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +48,7 @@ class Source(BaseModel):
     priority: int = 0
     tenant: str = ""
     max_tokens: int | Literal["window"] = Field(DEFAULT_MAX_TOKENS, description="the cap each request sends, or 'window'")
+    block_tokens: int = Field(512, gt=0, description="tokens per hash_ids block of the trace")
 
     @field_validator("max_tokens")
     @classmethod
@@ -69,22 +74,51 @@ def load_scenario(path: str | Path | None = None) -> Scenario:
                       what="scenario")
 
 
+PLAIN_FIELDS = ("arrival_s", "input_tokens", "output_tokens")
+MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+
+
+def _jsonl_row(row: object) -> tuple[TraceRequest, bool]:
+    """One line as a request, and whether it is in Mooncake's scheme (its times are absolute ms, to re-base)."""
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    plain, mooncake = [f for f in PLAIN_FIELDS if f in row], [f for f in MOONCAKE_FIELDS if f in row]
+    if plain and mooncake:
+        raise ValueError(f"mixes field schemes: {plain} with {mooncake}")
+    missing = [f for f in (MOONCAKE_FIELDS if mooncake else PLAIN_FIELDS) if f not in row]
+    if missing:
+        raise ValueError(f"missing fields {missing}")
+    if not mooncake:
+        return TraceRequest(float(row["arrival_s"]), int(row["input_tokens"]), int(row["output_tokens"])), False
+    ids = row["hash_ids"]
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError("hash_ids must be a list of ints")
+    return TraceRequest(float(row["timestamp"]) / 1000, int(row["input_length"]), int(row["output_length"]),
+                        tuple(ids)), True
+
+
 def load_jsonl(path: Path) -> list[TraceRequest]:
-    out = []
+    """Either scheme, line by line, sorted by arrival. A file with Mooncake lines is re-based to start at 0 like
+    the Azure traces (their timestamps need not start there); a plain file's arrivals are kept as written."""
+    out, rebase = [], False
     with path.open() as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                out.append(TraceRequest(float(row["arrival_s"]), int(row["input_tokens"]), int(row["output_tokens"])))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TraceError(f"{path}:{line_no}: {e!r}") from None
-            if out[-1].input_tokens <= 0 or out[-1].output_tokens <= 0 or out[-1].arrival_s < 0:
-                raise TraceError(f"{path}:{line_no}: token counts must be positive and arrival_s >= 0")
+                request, mooncake = _jsonl_row(json.loads(line))
+            except (ValueError, TypeError) as e:
+                raise TraceError(f"{path}:{line_no}: {e}") from None
+            if request.input_tokens <= 0 or request.output_tokens <= 0 or request.arrival_s < 0:
+                raise TraceError(f"{path}:{line_no}: token counts must be positive and arrival times >= 0")
+            out.append(request)
+            rebase |= mooncake
     out.sort(key=lambda r: r.arrival_s)
     if not out:
         raise TraceError(f"{path}: no requests")
+    if rebase:
+        t0 = out[0].arrival_s
+        out = [replace(r, arrival_s=r.arrival_s - t0) for r in out]
     return out
 
 
@@ -104,9 +138,9 @@ def _requests(source: Source, sc: Scenario, rng: random.Random) -> list[TraceReq
     if source.trace == "sharegpt" or source.arrival != "trace":
         if source.arrival == "trace":
             raise TraceError(f"source {source.trace}: has no arrival times; set arrival: poisson or gamma")
-        pairs = load_sharegpt_lengths() if source.trace == "sharegpt" else \
-            [(r.input_tokens, r.output_tokens) for r in _trace_rows(source.trace, 0.0, None)]
-        return [TraceRequest(t, *rng.choice(pairs)) for t in _synthetic_arrivals(source, sc.duration_s, rng)]
+        rows = [TraceRequest(0.0, *pair) for pair in load_sharegpt_lengths()] if source.trace == "sharegpt" else \
+            _trace_rows(source.trace, 0.0, None)
+        return [replace(rng.choice(rows), arrival_s=t) for t in _synthetic_arrivals(source, sc.duration_s, rng)]
     return _trace_rows(source.trace, sc.start_s, sc.duration_s)
 
 
@@ -120,13 +154,16 @@ def _trace_rows(trace: str, start: float, duration: float | None) -> list[TraceR
 
 
 def build_workload(sc: Scenario, max_model_len: int) -> list[ReplayItem]:
-    """Every source's requests in the window, arrivals divided by the rate scale, merged in time order."""
+    """Every source's requests in the window, arrivals divided by the rate scale, merged in time order. A clipped
+    prompt keeps only the block ids that still lie within it, so replay never claims a block it does not send."""
     rng = random.Random(sc.seed)
     items: list[ReplayItem] = []
     for source in sc.sources:
         for r in _requests(source, sc, rng):
             n_in, n_out, cap = clip_to_window(r.input_tokens, r.output_tokens, max_model_len, source.max_tokens)
+            hashes = r.hash_ids[:-(-n_in // source.block_tokens)]          # ceil: the last block may be partial
             items.append(ReplayItem(r.arrival_s / sc.rate_scale, n_in, n_out, source.slo_class, source.priority,
-                                    source.tenant, max_tokens=cap))
+                                    source.tenant, max_tokens=cap, prefix_hashes=hashes,
+                                    block_tokens=source.block_tokens))
     items.sort(key=lambda i: i.arrival_s)
     return items

@@ -25,6 +25,7 @@ class TraceRequest:
     arrival_s: float          # seconds since the trace's first request
     input_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] = ()   # ids of the prompt's blocks (prefix-sharing traces); equal ids, equal blocks
 
 
 def default_trace_path(name: str) -> Path:

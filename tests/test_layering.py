@@ -41,3 +41,14 @@ def test_package_imports_only_the_layers_below_it(package: str) -> None:
         if extra:
             bad[str(path.relative_to(ROOT))] = sorted(extra)
     assert not bad, f"{package} imports packages above it: {bad}"
+
+
+@pytest.mark.parametrize("module", ["workers.scheduler", "workers.true_lengths", "workers.service", "balancer.service",
+                                    "gateway.service", "profiler.service", "bench.simulator", "tandem.cli"])
+def test_module_imports_on_its_own(module: str) -> None:
+    """Each entry point imports first in a fresh interpreter (an import cycle shows only in some orders)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -14,9 +14,10 @@ No scheduler, routing policy, balancer, gateway or length predictor reads it: th
 
 from __future__ import annotations
 
-from typing import MutableMapping
+from typing import TYPE_CHECKING, MutableMapping
 
-from workers.scheduler import SchedulerOutput
+if TYPE_CHECKING:        # the scheduler imports the policies, one of which (the oracle) imports this module
+    from workers.scheduler import SchedulerOutput
 
 
 class TrueLengths:
