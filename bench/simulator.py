@@ -219,7 +219,7 @@ class Simulator:
         slo = self.classes[item.slo_class]
         worker.engine.submit(Request(
             ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.cap),
-            self._records[ctx.request_id].arrival, priority=item.priority, tenant=item.tenant,
+            self.clock.now(), priority=item.priority, tenant=item.tenant,
             slo=SloTarget(item.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
             eos_token_id=worker.executor.tokenizer.eos_token_id, predicted_output_len=ctx.predicted_output),
             item.output_tokens)

@@ -121,3 +121,22 @@ def test_fcfs_with_paged_blocks_admits_what_orca_cannot():
     for i in range(3):
         add(sched, clock, f"r{i}", prompt=4, max_tokens=20)
     assert ids(step(sched)) == ["r0", "r1", "r2"]          # one block each to start
+
+
+def test_fcfs_as_vllm_preempted_request_returns_to_the_head_and_nothing_joins_that_step():
+    # 4 blocks of 4 tokens: a and b hold two each, c (two blocks) waits; a's growth preempts b
+    sched, clock = setup("fcfs", num_blocks=4, block_size=4, max_seqs=8)
+    a, b = add(sched, clock, "a", prompt=4, max_tokens=40), add(sched, clock, "b", prompt=4, max_tokens=40)
+    step(sched)
+    step(sched)
+    c = add(sched, clock, "c", prompt=8, max_tokens=4)
+    preempting = None
+    for _ in range(40):
+        out = step(sched)
+        if out.preempted:
+            preempting = out
+            break
+    assert preempting is not None and preempting.preempted == [b]        # the latest arrival is the victim
+    assert "c" not in ids(preempting)                                   # no admission in a step that preempted
+    assert [r.request_id for r in sched.waiting] == ["b", "c"]          # b back at the head, ahead of c
+    assert b.num_preemptions == 1 and a.status is RequestStatus.RUNNING and c.status is RequestStatus.WAITING
