@@ -31,6 +31,10 @@ from services.profiles import ProfiledLatency, from_profile
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
 
+def text_of(item: ReplayItem) -> str:
+    return prompt_text(item.input_tokens)
+
+
 def workload(duration_s: float, scale: float, context: int, rate_scale: float) -> list[ReplayItem]:
     rows = load_azure(default_trace_path("conv"), duration_s=duration_s)
     items = []
@@ -60,7 +64,7 @@ def run(duration_s: float = 40.0, length_scale: float = 0.25, rate_scale: float 
         latency = ProfiledLatency(from_profile(profile), profile.kv_capacity_tokens, context)
         with console.status("measuring the stack's overheads at idle ..."):
             idle = [ReplayItem(0.5 * k, 200, 30) for k in range(8)]         # one at a time: 30 tokens < 0.5 s
-            idle_records, _ = asyncio.run(replay(stack.gateway_address, idle, prompt_for=prompt_text))
+            idle_records, _ = asyncio.run(replay(stack.gateway_address, idle, prompt_for=text_of))
         live_idle_ttft = statistics.median(ttft(r) for r in idle_records if r.ok)
         live_idle_tpot = statistics.median(((r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1))
                                            for r in idle_records if r.ok)
@@ -68,12 +72,12 @@ def run(duration_s: float = 40.0, length_scale: float = 0.25, rate_scale: float 
         step_overhead = max(0.0, live_idle_tpot - latency.decode_time(1, 215))
         with console.status("measuring the per-sequence step overhead at batch 8 ..."):
             burst = [ReplayItem(0.0, 200, 30) for _ in range(8)]           # eight at once: decodes at batch 8
-            burst_records, _ = asyncio.run(replay(stack.gateway_address, burst, prompt_for=prompt_text))
+            burst_records, _ = asyncio.run(replay(stack.gateway_address, burst, prompt_for=text_of))
         burst_tpot = statistics.median(((r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1))
                                        for r in burst_records if r.ok)
         per_seq = max(0.0, (burst_tpot - latency.decode_time(8, 215) - step_overhead) / 7)
         with console.status(f"replaying {len(items)} requests live ..."):
-            live, _ = asyncio.run(replay(stack.gateway_address, items, prompt_for=prompt_text))
+            live, _ = asyncio.run(replay(stack.gateway_address, items, prompt_for=text_of))
     finally:
         stack.stop()
     sim = Simulator(spec, latency={"torch-0": latency}, request_overhead_s=request_overhead,

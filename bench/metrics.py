@@ -110,5 +110,6 @@ def summarize(records: Sequence[RequestRecord], duration_s: float) -> dict[str, 
             values = [v * 1000 for r in done if (v := fn(r)) is not None]
             for k, v in percentiles(values).items():
                 row[f"{metric}_{k}"] = v
+            row[f"{metric}_mean"] = float(np.mean(values)) if values else float("nan")
         out[name] = row
     return out

@@ -21,8 +21,12 @@ from bench.simulator import Simulator
 from services.cluster import ClusterSpec, load_cluster
 from services.catalog import model as model_spec
 
-BASELINES = ("round_robin/fcfs", "round_robin/rtc", "round_robin/orca")
-DEFAULT_POLICIES = (*BASELINES, "capacity/fcfs", "capacity/priority", "capacity/oracle")
+#: What users would pick instead, in every comparison: llm-d's default profile in front of vLLM-style fcfs engines
+#: (what teams run today), SGLang's cache-aware gateway, and round robin as the floor; SLoB's rtc and orca.
+BASELINES = ("round_robin/fcfs", "llmd/fcfs", "sglang_cache_aware/fcfs", "round_robin/rtc", "round_robin/orca")
+TANDEM_DEFAULT = "capacity/fcfs"
+CLAIRVOYANT = "capacity/oracle"           # knows true lengths through the named path: prices prediction error
+DEFAULT_POLICIES = (*BASELINES, TANDEM_DEFAULT, CLAIRVOYANT)
 
 
 def default_cluster_path() -> Path:
@@ -34,12 +38,13 @@ def split(pair: str) -> tuple[str, str]:
     return route, engine or "fcfs"
 
 
-def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str) -> dict:
+def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str, report_interval_s: float | None = None) -> dict:
+    """One policy pair on a scenario; ``report_interval_s`` None takes the cluster file's (the live default)."""
     route, engine = split(pair)
     window = min(model_spec(w.model).max_model_len for w in cluster.workers)
     items = build_workload(scenario, window)
     started = time.perf_counter()
-    result = Simulator(cluster, route, engine, seed=scenario.seed).run(items)
+    result = Simulator(cluster, route, engine, seed=scenario.seed, report_interval_s=report_interval_s).run(items)
     return {"policy": pair, "requests": len(items), "wall_s": time.perf_counter() - started,
             "sim_duration_s": result.duration_s, "summary": summarize(result.records, result.duration_s),
             "utilization": result.utilization, "bin_s": result.bin_s, "shed": result.shed,
@@ -97,9 +102,11 @@ def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = 
 
 
 def goodput(cluster: ClusterSpec, scenario: Scenario, pair: str, lo: float = 0.25, hi: float = 16.0,
-            iterations: int = 7, target: float = 0.9) -> tuple[float, list[tuple[float, float]]]:
-    """The highest rate scale with attainment >= target (bisection in log space), and every point tried."""
-    points: list[tuple[float, float]] = []
+            iterations: int = 7, target: float = 0.9, known: Sequence[tuple[float, float]] = ()
+            ) -> tuple[float, list[tuple[float, float]]]:
+    """The highest rate scale with attainment >= target (bisection in log space), and every point tried.
+    ``known`` (scale, attainment) points already measured narrow the bracket before any new run."""
+    points: list[tuple[float, float]] = list(known)
 
     def attainment(scale: float) -> float:
         run = simulate_once(cluster, scenario.model_copy(update={"rate_scale": scale}), pair)
@@ -107,10 +114,14 @@ def goodput(cluster: ClusterSpec, scenario: Scenario, pair: str, lo: float = 0.2
         points.append((scale, value))
         return value
 
-    if attainment(lo) < target:
-        return 0.0, points
-    if attainment(hi) >= target:
-        return hi, points
+    meeting = [s for s, v in known if v >= target]
+    missing = [s for s, v in known if v < target]
+    lo = max(meeting, default=lo)
+    hi = min([s for s in missing if s > lo], default=hi)
+    if not meeting and attainment(lo) < target:
+        return 0.0, sorted(points)
+    if not missing and attainment(hi) >= target:
+        return hi, sorted(points)
     for _ in range(iterations):
         mid = (lo * hi) ** 0.5
         if attainment(mid) >= target:

@@ -45,7 +45,7 @@ class WorkerFailedEarly(Exception):
 
 PREDICTION_TTL_S = 5.0
 PREFIX_BLOCK_CHARS = 64
-PREFIX_BLOCKS = 8
+PREFIX_BLOCKS = 256           # 16 KiB of prompt: enough for prefix scoring of whole prompts, bounded in cost
 
 
 def prompt_tokens_estimate(prompt: str) -> int:
@@ -54,7 +54,8 @@ def prompt_tokens_estimate(prompt: str) -> int:
 
 
 def prefix_hashes(prompt: str) -> list[int]:
-    """Chained CRC32s of the prompt's leading 64-character blocks, for prefix-affinity routing."""
+    """Chained CRC32s of the prompt's 64-character blocks (up to ``PREFIX_BLOCKS``), for prefix-aware routing:
+    equal leading hashes mean equal prompt prefixes."""
     hashes, h = [], 0
     for i in range(0, min(len(prompt), PREFIX_BLOCK_CHARS * PREFIX_BLOCKS), PREFIX_BLOCK_CHARS):
         h = zlib.crc32(prompt[i:i + PREFIX_BLOCK_CHARS].encode(), h)

@@ -394,12 +394,11 @@ def bench_replay(scenario: Optional[Path] = typer.Option(None, help="scenario fi
 
 
 @bench_app.command("results")
-def bench_results(out: Path = typer.Option(Path("docs"), help="folder for results.md and img/"),
-                  duration: float = typer.Option(600.0, help="seconds of each trace")) -> None:
-    """Regenerate docs/results.md: baseline table for both Azure traces on the default cluster, with plots."""
+def bench_results(out: Path = typer.Option(Path("docs"), help="folder for results.md and img/")) -> None:
+    """Regenerate docs/results.md: the headline table on the default multi-SLO scenario, hidden lengths, peers."""
     from bench.results_doc import generate
 
-    generate(out, duration, console)
+    generate(out, console)
 
 
 @bench_app.command("goodput")
