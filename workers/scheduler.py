@@ -176,7 +176,7 @@ class Scheduler:
                 i += 1
 
         # 3. admit waiting requests while budget, sequence slots and blocks above the watermark last
-        if not memory_pressure and self.waiting:
+        if not memory_pressure and self.waiting and policy.admission_open(now, running):
             started = list(running)
             admitted: list[Request] = []
             for request in self.waiting:

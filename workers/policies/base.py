@@ -26,6 +26,10 @@ class EnginePolicy:
         """Sort key: smaller goes first, both for admission and for the running batch."""
         return (request.arrival_time,)
 
+    def admission_open(self, now: float, running: Sequence[Request]) -> bool:
+        """Whether anything may join the batch this step (checked once, before any request's ``admit``)."""
+        return True
+
     def admit(self, request: Request, now: float, running: Sequence[Request]) -> bool:
         """Whether ``request`` may join the batch now (blocks permitting); ``running`` as the step began."""
         return True

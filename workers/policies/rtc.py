@@ -14,5 +14,5 @@ from workers.request import Request
 class RunToCompletionPolicy(EnginePolicy):
     name = "rtc"
 
-    def admit(self, request: Request, now: float, running: Sequence[Request]) -> bool:
+    def admission_open(self, now: float, running: Sequence[Request]) -> bool:
         return all(r.num_output_tokens == 0 for r in running)
