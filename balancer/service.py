@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 
@@ -32,10 +32,13 @@ def worker_status(state: WorkerState, now: float) -> balancer_pb2.WorkerStatus:
 
 
 class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
-    def __init__(self, cfg: settings_mod.BalancerSettings, telemetry: Telemetry) -> None:
+    def __init__(self, cfg: settings_mod.BalancerSettings, telemetry: Telemetry,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock`` is injected so a test can drive the servicer on virtual time."""
         self.cfg = cfg
         self.tracer = telemetry.tracer
-        self.registry = Registry(time.monotonic, cfg.worker_timeout_s)
+        self.clock = clock
+        self.registry = Registry(clock, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy, **cfg.routing_options)
         self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at)
         self._background: set[asyncio.Task] = set()
@@ -112,7 +115,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                                     f"no worker available ({len(self.registry.workers)} registered, "
                                     f"{len(exclude)} excluded)")
             try:
-                admission = admit(self.policy, self.registry, self.queue, r, candidates, time.monotonic(), exclude,
+                admission = admit(self.policy, self.registry, self.queue, r, candidates, self.clock(), exclude,
                                   asyncio.get_running_loop().create_future())
             except QueueFull as e:
                 await self._shed(context, str(e))
@@ -162,7 +165,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
 
     async def ListWorkers(self, request: balancer_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
                           ) -> balancer_pb2.ListWorkersResponse:
-        now = time.monotonic()
+        now = self.clock()
         workers = sorted(self.registry.workers.values(), key=lambda s: s.worker_id)
         return balancer_pb2.ListWorkersResponse(workers=[worker_status(s, now) for s in workers],
                                                 routing_policy=self.cfg.routing_policy, queue_length=len(self.queue),

@@ -242,14 +242,12 @@ class Simulator:
         self._push(end, STEP_DONE, (worker, out, now))
 
     def _complete(self, worker: SimWorker, out: SchedulerOutput, start: float) -> None:
-        finished = self._finished
         worker.engine.end_step(out, worker.executor.sample(out), start, self.clock.now() - start)
-        if self._finished != finished and self.queue.waiters:
-            self._dispatch()
         self._start(worker)
 
     def _on_output(self, output: RequestOutput) -> None:
-        """A token reached its client; a finished request releases its place at the balancer."""
+        """A token reached its client; a finished request releases its place at the balancer, which then binds
+        what it can from its queue (the live Release does the same, one release at a time)."""
         request = output.request
         rid = request.request_id
         record = self._records[rid]
@@ -259,7 +257,9 @@ class Simulator:
             record.ok, record.finish_reason = True, output.finish_reason or ""
             record.preemptions = request.num_preemptions
             record.queue_ms = ((request.first_scheduled_time or self.clock.now()) - request.arrival_time) * 1000
-            self.registry.release(rid)
             item = self._items[rid]
             self.predictor.observe(item.slo_class, item.input_tokens, "", record.completion_tokens)
             self._end(rid)
+            self.registry.release(rid)
+            if self.queue.waiters:
+                self._dispatch()
