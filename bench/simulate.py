@@ -68,7 +68,8 @@ def capacity_bound(cluster: ClusterSpec, items: Sequence) -> float:
 
 def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = None,
                  policies: Sequence[str] = DEFAULT_POLICIES, rate_scale: float | None = None,
-                 out: Path | None = Path("bench/results/simulate.json"), console: Console | None = None) -> dict:
+                 out: Path | None = Path("bench/results/simulate.json"), console: Console | None = None,
+                 report_interval_s: float | None = None) -> dict:
     console = console or Console(stderr=True)
     cluster = load_cluster(cluster_path or default_cluster_path())
     scenario = load_scenario(scenario_path)
@@ -77,7 +78,7 @@ def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = 
     runs = []
     for pair in policies:
         with console.status(f"simulating {pair} ..."):
-            run = simulate_once(cluster, scenario, pair)
+            run = simulate_once(cluster, scenario, pair, report_interval_s)
         runs.append(run)
         console.print(summary_table(run["summary"], f"{pair}: {run['requests']:,} requests of '{scenario.name}' "
                                                     f"x{scenario.rate_scale:g} on {len(cluster.workers)} workers "
@@ -95,6 +96,7 @@ def run_simulate(cluster_path: Path | None = None, scenario_path: Path | None = 
                       f"{a['throughput_tok_s']:,.0f}", str(run["shed"]))
     console.print(table)
     payload = {"scenario": scenario.model_dump(), "cluster": cluster.model_dump(), "capacity_bound_tok_s": bound,
+               "report_interval_s": report_interval_s,
                "runs": [{k: v for k, v in r.items() if k != "records"} for r in runs]}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")

@@ -72,13 +72,17 @@ class Simulator:
                  slo_classes: dict[str, SloClass] | None = None, seed: int = 0, bin_s: float = 10.0,
                  latency: dict[str, object] | None = None, request_overhead_s: float = 0.0,
                  step_overhead_s: float = 0.0, step_overhead_per_seq_s: float = 0.0,
-                 report_interval_s: float | None = None) -> None:
+                 report_interval_s: float | None = None, delivery_per_seq_s: float = 0.0) -> None:
         """``latency`` gives a worker (by id) a latency model other than its datasheet one: a calibrated
         profile, or a ``ProfiledLatency`` for a checkpoint outside the catalog. ``request_overhead_s`` (the
         gateway, routing and tokenizing before the engine sees a request) and ``step_overhead_s`` plus
         ``step_overhead_per_seq_s`` for each further sequence in the batch (the engine loop's own work around a
         forward pass) are the serving stack's costs beyond the forward pass, measured at idle.
-        ``report_interval_s`` defaults to the cluster file's; 0 lets the balancer see every worker as of now."""
+        ``report_interval_s`` defaults to the cluster file's; 0 lets the balancer see every worker as of now.
+        ``delivery_per_seq_s``: a step's tokens reach their clients one stream after another (the worker writes
+        them and the gateway relays them one at a time), each this much after the one before it, in the step's
+        order; only the clients' token times move, no decision waits for delivery (nor does a live engine's).
+        0, the default, delivers a step's tokens all at its end."""
         self.clock = VirtualClock()
         self.routing = routing or cluster.routing_policy
         self.engine_policy = engine or cluster.engine_policy
@@ -93,6 +97,8 @@ class Simulator:
         self.classes = slo_classes or cluster.slo_classes or DEFAULT_SLO_CLASSES
         self.bin_s = bin_s
         self.request_overhead_s = request_overhead_s
+        self.delivery_per_seq_s = delivery_per_seq_s
+        self._delivery_rank = 0              # tokens of the current step delivered so far
         self.workers: dict[str, SimWorker] = {}
         for spec in cluster.workers:
             lm = (latency or {}).get(spec.id) or LatencyModel.from_names(spec.gpu_type, spec.model)
@@ -105,7 +111,8 @@ class Simulator:
                                            max_num_seqs=spec.max_num_seqs)
             state.latency, state.capacity_tok_s, state.profile_source = lm, lm.saturated_decode_tok_s(), "datasheet"
             eng = assemble_engine(executor, blocks, spec.block_size, spec.max_num_seqs, spec.max_num_batched_tokens,
-                                  self.engine_policy, engine_options, self.clock, on_output=self._on_output)
+                                  self.engine_policy, engine_options, self.clock, on_output=self._on_output,
+                                  recent_steps=0)
             self.workers[spec.id] = SimWorker(spec, state, eng, executor)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
@@ -242,6 +249,7 @@ class Simulator:
         self._push(end, STEP_DONE, (worker, out, now))
 
     def _complete(self, worker: SimWorker, out: SchedulerOutput, start: float) -> None:
+        self._delivery_rank = 0
         worker.engine.end_step(out, worker.executor.sample(out), start, self.clock.now() - start)
         self._start(worker)
 
@@ -251,7 +259,8 @@ class Simulator:
         request = output.request
         rid = request.request_id
         record = self._records[rid]
-        record.token_times.append(self.clock.now())
+        record.token_times.append(self.clock.now() + self._delivery_rank * self.delivery_per_seq_s)
+        self._delivery_rank += 1
         if output.finished:
             self._finished += 1
             record.ok, record.finish_reason = True, output.finish_reason or ""

@@ -57,16 +57,13 @@ class LatencyModel:
         if self.fitted is not None:
             return self.fitted.predict_step(shape.new_tokens, shape.context_before)
         m = self.model
-        flops = 0.0
-        kv_read = 0
-        new_total = 0
+        attended = 0
         for new, ctx in zip(shape.new_tokens, shape.context_before):
-            new_total += new
             # each new token attends to ctx earlier tokens plus the causal half of its own chunk
-            attended = new * ctx + new * (new + 1) // 2
-            flops += 4.0 * m.n_layers * m.hidden_size * attended
-            kv_read += ctx
-        flops += 2.0 * m.n_params * new_total
+            attended += new * ctx + new * (new + 1) // 2
+        new_total = sum(shape.new_tokens)
+        kv_read = sum(shape.context_before)
+        flops = 4.0 * m.n_layers * m.hidden_size * attended + 2.0 * m.n_params * new_total
         bytes_moved = m.weight_bytes + m.kv_bytes_per_token * (kv_read + new_total)
         compute = flops / (self.gpu.peak_tflops * 1e12 * self.mfu * self.tp)
         memory = bytes_moved / (self.gpu.mem_bw_tbs * 1e12 * self.mbu * self.tp)

@@ -362,6 +362,8 @@ def bench_simulate(cluster: Optional[Path] = typer.Option(None, help="cluster fi
                    scenario: Optional[Path] = typer.Option(None, help="scenario file; default: multi-SLO Azure mix"),
                    policy: list[str] = typer.Option([], help="ROUTE/ENGINE, repeatable; default: baselines and ours"),
                    rate_scale: Optional[float] = typer.Option(None, help="override the scenario's rate scale"),
+                   report_interval_s: Optional[float] = typer.Option(
+                       None, min=0, help="load report interval; default the cluster file's (live: 0.2); 0 = instant"),
                    out: Path = typer.Option(Path("bench/results/simulate.json"))) -> None:
     """Discrete-event simulation with the real policies and engine; prints the result table per policy."""
     from bench.simulate import DEFAULT_POLICIES, run_simulate
@@ -369,7 +371,7 @@ def bench_simulate(cluster: Optional[Path] = typer.Option(None, help="cluster fi
     from services.cluster import ClusterFileError
 
     try:
-        run_simulate(cluster, scenario, policy or DEFAULT_POLICIES, rate_scale, out, console)
+        run_simulate(cluster, scenario, policy or DEFAULT_POLICIES, rate_scale, out, console, report_interval_s)
     except (TraceError, ClusterFileError, ValueError) as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None

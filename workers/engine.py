@@ -75,8 +75,10 @@ class RequestStream:
 class Engine:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock,
                  on_iteration: Callable[[IterationStats, SchedulerOutput], None] | None = None,
-                 step_time_ema: float = 0.2, on_output: Callable[[RequestOutput], None] | None = None) -> None:
-        """``on_output`` receives the outputs of requests added with ``submit`` (no stream: the simulator)."""
+                 step_time_ema: float = 0.2, on_output: Callable[[RequestOutput], None] | None = None,
+                 recent_steps: int = 256) -> None:
+        """``on_output`` receives the outputs of requests added with ``submit`` (no stream: the simulator);
+        ``recent_steps`` iterations are kept for the worker's stats (0 keeps none and skips counting them)."""
         self.scheduler = scheduler
         self.executor = executor
         self.clock = clock
@@ -89,7 +91,7 @@ class Engine:
         self._accepting = True
         self.iterations = 0
         self.preemptions = 0
-        self.recent: deque[IterationStats] = deque(maxlen=256)
+        self.recent: deque[IterationStats] = deque(maxlen=recent_steps)
         self.step_time_ms = 0.0
         self._ema = step_time_ema
 
@@ -174,6 +176,8 @@ class Engine:
         ms = step * 1000.0
         self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
         self.preemptions += len(out.preempted)
+        if not self.recent.maxlen and self.on_iteration is None:
+            return
         stats = IterationStats(self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,
                                out.num_decode_tokens, len(out.preempted), self.scheduler.blocks.num_used_blocks,
                                self.scheduler.num_waiting)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 from workers.block_manager import BlockManager
 from workers.clock import Clock
@@ -64,9 +64,8 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled if not s.is_decode)
 
 
-@dataclass(frozen=True)
-class RequestOutput:
-    """What one step produced for one request."""
+class RequestOutput(NamedTuple):
+    """What one step produced for one request (a named tuple: one is made per token)."""
 
     request: Request
     new_token_ids: tuple[int, ...]
@@ -205,10 +204,11 @@ class Scheduler:
         """Apply a step's results: advance counters, append sampled tokens, finish what must stop."""
         now = self.clock.now()
         results: list[RequestOutput] = []
+        running = RequestStatus.RUNNING
         for item in out.scheduled:
             request = item.request
-            if request.is_finished or request.status is not RequestStatus.RUNNING:
-                continue          # aborted or preempted while the step ran; its blocks are already free
+            if request.status is not running:
+                continue          # finished, aborted or preempted while the step ran; its blocks are free
             request.num_computed_tokens = item.context_before + item.num_new_tokens
             if not item.samples:
                 continue          # a prefill chunk that is not the last
@@ -217,9 +217,11 @@ class Scheduler:
             if request.first_token_time is None:
                 request.first_token_time = now
             status = self._stop_status(request, token)
-            if status is not None:
+            if status is None:
+                results.append(RequestOutput(request, (token,), False, None))
+            else:
                 self._finish(request, status, now)
-            results.append(RequestOutput(request, (token,), request.is_finished, request.status.finish_reason))
+                results.append(RequestOutput(request, (token,), True, status.finish_reason))
         return results
 
     # ----- internals ---------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ class SimExecutor:
         self.time_scale = time_scale
         self.step_overhead_s, self.seq_overhead_s = step_overhead_s, seq_overhead_s
         self.true_lengths = TrueLengths()
+        self._seeds: dict[str, int] = {}
         self.tokenizer = SimTokenizer(latency.vocab_size)
         self.max_model_len = latency.max_model_len
 
@@ -35,8 +36,9 @@ class SimExecutor:
         """No cache to size: the sim executor only counts blocks through the scheduler."""
 
     def step_time(self, batch: SchedulerOutput) -> float:
-        shape = BatchShape.of((s.num_new_tokens, s.context_before) for s in batch.scheduled)
-        overhead = self.step_overhead_s + self.seq_overhead_s * (len(batch.scheduled) - 1)
+        scheduled = batch.scheduled
+        shape = BatchShape(tuple([s.num_new_tokens for s in scheduled]), tuple([s.context_before for s in scheduled]))
+        overhead = self.step_overhead_s + self.seq_overhead_s * (len(scheduled) - 1)
         return self.latency.step_time(shape) * self.time_scale + overhead
 
     async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
@@ -46,15 +48,19 @@ class SimExecutor:
     def sample(self, batch: SchedulerOutput) -> dict[str, int]:
         """Placeholder tokens; a replayed answer that reaches its true length ends with EOS."""
         sampled: dict[str, int] = {}
+        placeholder, seeds = self.tokenizer.placeholder_token, self._seeds
         for item in batch.scheduled:
             if item.samples:
                 request = item.request
-                seed = request.sampling.seed
+                rid = request.request_id
+                seed = seeds.get(rid)
                 if seed is None:
-                    seed = zlib.crc32(request.request_id.encode())
-                sampled[request.request_id] = self.tokenizer.placeholder_token(seed, request.num_output_tokens)
+                    seed = seeds[rid] = request.sampling.seed if request.sampling.seed is not None else \
+                        zlib.crc32(rid.encode())
+                sampled[rid] = placeholder(seed, len(request.output_token_ids))
         self.true_lengths.end_answers(batch, sampled, self.tokenizer.eos_token_id)
         return sampled
 
     def release(self, request_id: str) -> None:
         self.true_lengths.forget(request_id)
+        self._seeds.pop(request_id, None)
