@@ -47,3 +47,33 @@ def test_bad_cluster_files_name_the_problem(tmp_path, text, problem):
 def test_missing_cluster_file(tmp_path):
     with pytest.raises(ClusterFileError, match="cannot read"):
         load_cluster(tmp_path / "nope.yaml")
+
+
+def test_policy_options_come_from_the_cluster_file_to_both_the_simulator_and_the_services(tmp_path):
+    from bench.simulator import Simulator
+    from services.settings import BalancerSettings
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("routing: {name: prefix_affinity, slack: 2.5, margin: 1}\nengine: {name: priority, aging_per_s: 0.5}\n"
+                    "report_interval_s: 0.1\nworkers:\n  - {id: a, gpu_type: A10}\n")
+    spec = load_cluster(path)
+    assert (spec.routing_policy, spec.routing_options) == ("prefix_affinity", {"slack": 2.5, "margin": 1})
+    assert (spec.engine_policy, spec.engine_options) == ("priority", {"aging_per_s": 0.5})
+    sim = Simulator(spec)
+    assert sim.policy.slack == 2.5 and sim.report_interval_s == 0.1
+    assert sim.workers["a"].engine.scheduler.policy.aging_per_s == 0.5
+    # the launcher hands them to the services as JSON flags
+    assert load(BalancerSettings, ["--routing-options", '{"slack": 2.5}']).routing_options == {"slack": 2.5}
+    assert load(WorkerSettings, ["--engine-options", '{"aging_per_s": 0.5}']).engine_options == {"aging_per_s": 0.5}
+
+
+def test_bad_policy_options_are_clear_errors(tmp_path):
+    from bench.simulator import Simulator
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("routing: {name: capacity, wobble: 3}\nworkers:\n  - {id: a, gpu_type: A10}\n")
+    with pytest.raises(ValueError, match="capacity.*wobble"):
+        Simulator(load_cluster(path))
+    path.write_text("routing: {slack: 3}\nworkers:\n  - {id: a, gpu_type: A10}\n")
+    with pytest.raises(ClusterFileError, match="routing"):
+        load_cluster(path)
