@@ -13,13 +13,20 @@ import numpy as np  # noqa: E402
 
 from bench.metrics import RequestRecord, ttft  # noqa: E402
 
+#: what users would pick instead: drawn as dashed reference lines in every plot
+REFERENCES = ("round_robin/fcfs", "llmd/fcfs")
+
+
+def _style(policy: str) -> dict:
+    return {"linestyle": "--", "linewidth": 1.6} if policy in REFERENCES else {"linewidth": 1.4}
+
 
 def ttft_cdf(runs: Mapping[str, Sequence[RequestRecord]], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for policy, records in runs.items():
         values = np.sort([t * 1000 for r in records if r.ok and (t := ttft(r)) is not None])
         if len(values):
-            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=policy)
+            ax.plot(values, np.arange(1, len(values) + 1) / len(values), label=policy, **_style(policy))
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (ms, log scale)")
     ax.set_ylabel("share of requests")
@@ -33,7 +40,7 @@ def attainment_vs_rate(points: Mapping[str, Sequence[tuple[float, float]]], path
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for policy, pts in points.items():
         xs, ys = zip(*sorted(pts))
-        ax.plot(xs, [y * 100 for y in ys], marker="o", label=policy)
+        ax.plot(xs, [y * 100 for y in ys], marker="o", label=policy, **_style(policy))
     ax.axhline(90, color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("arrival rate scale (x trace rate)")
