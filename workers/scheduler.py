@@ -102,8 +102,10 @@ class Scheduler:
         return self._by_id.get(request_id)
 
     def pending_prefill_tokens(self) -> int:
-        return sum(r.num_pending_tokens for r in self.waiting) + sum(
-            r.num_pending_tokens for r in self.running if r.num_pending_tokens > 1)
+        """Tokens still to prefill: all of every waiting request's, and running ones' unfinished chunks (read by
+        every load report, so the counters are read directly)."""
+        waiting = sum([r.num_tokens for r in self.waiting]) - sum([r.num_computed_tokens for r in self.waiting])
+        return waiting + sum([n for r in self.running if (n := r.num_tokens - r.num_computed_tokens) > 1])
 
     def decode_context_tokens(self) -> int:
         return sum(r.num_tokens for r in self.running)
