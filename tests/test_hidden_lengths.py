@@ -145,7 +145,7 @@ def test_a_live_worker_ends_a_replayed_answer_at_its_true_length_only(tmp_path):
     from tandem.launcher import LocalStack
 
     cluster = ClusterSpec(workers=[WorkerSpec(id="a100", gpu_type="A100-80G", time_scale=0.2)])
-    with LocalStack(cluster, gateway_port=0, log_dir=tmp_path).start() as stack:
+    with LocalStack(cluster, gateway_port=0, log_dir=tmp_path) as stack:
         with grpc.insecure_channel(stack.gateway_address) as channel:
             stub = gateway_pb2_grpc.GatewayStub(channel)
             replies = list(stub.Generate(gateway_pb2.GenerateRequest(
