@@ -115,9 +115,9 @@ def generate(out: Path = Path("docs"), console: Console | None = None) -> Path:
         "SLO attainment with workers reporting every 200 ms (llm-d: 50 ms), routing from the last report plus the "
         "balancer's own in-flight accounting, against every worker's state as of the instant it routes.", "",
         *stale, "",
-        f"![SLO attainment vs load](img/attainment_multi_slo.png)", "",
-        f"![TTFT CDF](img/ttft_cdf_multi_slo.png)", "",
-        f"![utilisation](img/utilization_multi_slo.png)", "",
+        "![SLO attainment vs load](img/attainment_multi_slo.png)", "",
+        "![TTFT CDF](img/ttft_cdf_multi_slo.png)", "",
+        "![utilisation](img/utilization_multi_slo.png)", "",
         "## Reproduce", "", "```bash", "scripts/dev setup", ".venv/bin/tandem bench results", "```", "",
         "Data: Azure LLM inference trace 2023 (Patel et al., ISCA 2024), CC-BY 4.0; ShareGPT length statistics.", ""])
     out.mkdir(parents=True, exist_ok=True)
