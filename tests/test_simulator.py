@@ -92,3 +92,15 @@ def test_jsonl_traces(tmp_path):
     bad.write_text('{"arrival_s": 1, "input_tokens": 10}\n')
     with pytest.raises(TraceError, match="bad.jsonl:1"):
         load_jsonl(bad)
+
+
+def test_goodput_bisects_between_known_points_and_meets_the_target():
+    from bench.simulate import goodput
+
+    scenario = Scenario(name="tiny", duration_s=20, sources=[Source(trace="azure-conv", slo_class="interactive")])
+    best, points = goodput(CLUSTER, scenario, "capacity/fcfs", iterations=3, known=[(1.0, 1.0), (64.0, 0.0)])
+    assert 1.0 <= best < 64.0 and (1.0, 1.0) in points and len(points) == 2 + 3
+    at_best = simulate_once(CLUSTER, scenario.model_copy(update={"rate_scale": best}), "capacity/fcfs")
+    assert at_best["summary"]["all"]["slo_attainment"] >= 0.9
+    above = [v for s, v in points if s > best]
+    assert above and all(v < 0.9 for v in above)          # every rate tried above the answer missed the target
