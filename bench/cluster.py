@@ -25,7 +25,7 @@ from services.cluster import ClusterSpec, WorkerSpec
 from tandem.launcher import LocalStack
 from profiler.capacity import engine_saturated_throughput
 from services.latency import LatencyModel
-from services.rpc import gateway_pb2, gateway_pb2_grpc
+from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GPUS = ("A100-80G", "A10", "A10", "T4", "T4", "T4")
 
@@ -48,8 +48,10 @@ def capacity_bound(gpus: tuple[str, ...], model: str, mix: list[tuple[int, int]]
             "roofline_tok_s": sum(roofline[g] for g in gpus), "mean_input": mean_in, "mean_output": mean_out}
 
 
-async def saturate(address: str, mix: list[tuple[int, int]], clients: int, warmup_s: float, window_s: float
-                   ) -> dict:
+async def saturate(address: str, mix: list[tuple[int, int]], clients: int, warmup_s: float, window_s: float,
+                   max_tokens: int = 512) -> dict:
+    """Closed-loop clients; each request sends the mix's cap as ``max_tokens`` (not its own length, which only the
+    executor's stop rule learns, through the benchmark-only ``replay_truth``)."""
     deliveries: list[tuple[float, int]] = []
     errors: dict[str, int] = {}
     stop_at = time.perf_counter() + warmup_s + window_s
@@ -61,8 +63,9 @@ async def saturate(address: str, mix: list[tuple[int, int]], clients: int, warmu
             while time.perf_counter() < stop_at:
                 n_in, n_out = mix[k % len(mix)]
                 k += clients
-                req = gateway_pb2.GenerateRequest(prompt=" ".join(["tok"] * n_in), max_tokens=n_out, ignore_eos=True,
-                                                  temperature=0.0, slo_class="batch")
+                req = gateway_pb2.GenerateRequest(prompt=" ".join(["tok"] * n_in), max_tokens=max_tokens,
+                                                  temperature=0.0, slo_class="batch",
+                                                  replay_truth=common_pb2.ReplayTruth(output_tokens=n_out))
                 try:
                     async for reply in stub.Generate(req, timeout=stop_at - time.perf_counter() + 1):
                         deliveries.append((time.perf_counter(), len(reply.token_ids)))
@@ -78,7 +81,7 @@ async def saturate(address: str, mix: list[tuple[int, int]], clients: int, warmu
     return {"tok_s": tokens / window_s, "tokens": tokens, "errors": errors}
 
 
-def run(policies: tuple[str, ...] = ("round_robin", "capacity", "token_aware"), gpus: tuple[str, ...] = DEFAULT_GPUS,
+def run(policies: tuple[str, ...] = ("round_robin", "llmd", "capacity", "token_aware"), gpus: tuple[str, ...] = DEFAULT_GPUS,
         model: str = "llama-2-7b", time_scale: float = 2.0, clients: int = 160, warmup_s: float = 20.0,
         window_s: float = 30.0, out: Path | None = Path("bench/results/cluster.json")) -> dict:
     console = Console(stderr=True)
@@ -93,7 +96,8 @@ def run(policies: tuple[str, ...] = ("round_robin", "capacity", "token_aware"), 
             stack = LocalStack(spec, gateway_port=0).start()
         try:
             with console.status(f"{policy}: {clients} clients, {warmup_s:.0f} s warm-up + {window_s:.0f} s ..."):
-                rows[policy] = asyncio.run(saturate(stack.gateway_address, mix, clients, warmup_s, window_s))
+                rows[policy] = asyncio.run(saturate(stack.gateway_address, mix, clients, warmup_s, window_s,
+                                                    max_tokens=max(o for _, o in mix)))
         finally:
             stack.stop()
         console.print(f"{policy}: {rows[policy]['tok_s']:,.0f} tok/s")

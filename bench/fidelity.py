@@ -41,7 +41,8 @@ def workload(duration_s: float, scale: float, context: int, rate_scale: float) -
     for r in rows:
         out = max(1, min(round(r.output_tokens * scale), 128))
         inp = max(2, min(round(r.input_tokens * scale), 1024, context - out - 1))
-        items.append(ReplayItem(r.arrival_s / rate_scale, inp, out, "interactive"))
+        # the cap a client sends (what fits the window); the true length reaches only the executor's stop rule
+        items.append(ReplayItem(r.arrival_s / rate_scale, inp, out, "interactive", max_tokens=context - inp))
     return items
 
 
@@ -63,7 +64,7 @@ def run(duration_s: float = 40.0, length_scale: float = 0.25, rate_scale: float 
         profile = calibration.profile
         latency = ProfiledLatency(from_profile(profile), profile.kv_capacity_tokens, context)
         with console.status("measuring the stack's overheads at idle ..."):
-            idle = [ReplayItem(0.5 * k, 200, 30) for k in range(8)]         # one at a time: 30 tokens < 0.5 s
+            idle = [ReplayItem(0.5 * k, 200, 30, max_tokens=512) for k in range(8)]   # one at a time: 30 < 0.5 s
             idle_records, _ = asyncio.run(replay(stack.gateway_address, idle, prompt_for=text_of))
         live_idle_ttft = statistics.median(ttft(r) for r in idle_records if r.ok)
         live_idle_tpot = statistics.median(((r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1))
@@ -71,7 +72,7 @@ def run(duration_s: float = 40.0, length_scale: float = 0.25, rate_scale: float 
         request_overhead = max(0.0, live_idle_ttft - latency.prefill_time(200))
         step_overhead = max(0.0, live_idle_tpot - latency.decode_time(1, 215))
         with console.status("measuring the per-sequence step overhead at batch 8 ..."):
-            burst = [ReplayItem(0.0, 200, 30) for _ in range(8)]           # eight at once: decodes at batch 8
+            burst = [ReplayItem(0.0, 200, 30, max_tokens=512) for _ in range(8)]     # eight at once: batch 8
             burst_records, _ = asyncio.run(replay(stack.gateway_address, burst, prompt_for=text_of))
         burst_tpot = statistics.median(((r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1))
                                        for r in burst_records if r.ok)

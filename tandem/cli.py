@@ -337,7 +337,7 @@ def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = type
 
 
 @bench_app.command("cluster")
-def bench_cluster(policies: str = typer.Option("round_robin,capacity,token_aware", help="comma-separated"),
+def bench_cluster(policies: str = typer.Option("round_robin,llmd,capacity,token_aware", help="comma-separated"),
                   time_scale: float = typer.Option(2.0, help="slow the sim GPUs so 2 cores keep up"),
                   clients: int = typer.Option(160, min=1), warmup: float = typer.Option(20.0),
                   window: float = typer.Option(30.0),
