@@ -41,8 +41,8 @@ def workload(duration_s: float, scale: float, context: int, rate_scale: float) -
     for r in rows:
         out = max(1, min(round(r.output_tokens * scale), 128))
         inp = max(2, min(round(r.input_tokens * scale), 1024, context - out - 1))
-        # the cap a client sends (what fits the window); the true length reaches only the executor's stop rule
-        items.append(ReplayItem(r.arrival_s / rate_scale, inp, out, "interactive", max_tokens=context - inp))
+        # a client's cap (prompts here stay within half the window); the true length reaches only the stop rule
+        items.append(ReplayItem(r.arrival_s / rate_scale, inp, out, "interactive", max_tokens=min(512, context // 4)))
     return items
 
 
