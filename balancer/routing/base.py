@@ -13,6 +13,7 @@ from typing import ClassVar, Sequence, TypeVar
 from balancer.registry import WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing.filters import slo_feasible
+from services.policy_registry import PolicyRegistry
 
 
 class RoutingPolicy:
@@ -40,33 +41,17 @@ class RoutingPolicy:
 
 
 P = TypeVar("P", bound=type[RoutingPolicy])
-_REGISTRY: dict[str, type[RoutingPolicy]] = {}
+_POLICIES: PolicyRegistry[RoutingPolicy] = PolicyRegistry("routing")
 
 
 def register(cls: P) -> P:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"routing policy needs a unique name, got {cls.name!r}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _POLICIES.register(cls)  # type: ignore[return-value]
 
 
 def policy_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def policy_class(name: str) -> type[RoutingPolicy]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown routing policy {name!r}; known: {', '.join(policy_names())}") from None
+    return _POLICIES.names()
 
 
 def make_policy(name: str, *, seed: int = 0, **options: object) -> RoutingPolicy:
     """The policy called ``name`` with its options; the seed goes only to policies that declare they need one."""
-    cls = policy_class(name)
-    if "seed" in cls.needs:
-        options["seed"] = seed
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"routing policy {name!r}: bad options {sorted(options)}: {e}") from None
+    return _POLICIES.make(name, {"seed": seed}, **options)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, ClassVar, Sequence, TypeVar
 
+from services.policy_registry import PolicyRegistry
 from workers.request import Request
 
 
@@ -49,35 +50,18 @@ class EnginePolicy:
 
 
 P = TypeVar("P", bound=type[EnginePolicy])
-_REGISTRY: dict[str, type[EnginePolicy]] = {}
+_POLICIES: PolicyRegistry[EnginePolicy] = PolicyRegistry("engine")
 
 
 def register(cls: P) -> P:
-    if not cls.name or cls.name in _REGISTRY:
-        raise ValueError(f"engine policy needs a unique name, got {cls.name!r}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return _POLICIES.register(cls)  # type: ignore[return-value]
 
 
 def policy_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def policy_class(name: str) -> type[EnginePolicy]:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown engine policy {name!r}; known: {', '.join(policy_names())}") from None
+    return _POLICIES.names()
 
 
 def make_policy(name: str, *, true_lengths: object = None, **options: object) -> EnginePolicy:
     """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them."""
-    cls = policy_class(name)
-    if "true_lengths" in cls.needs:
-        if true_lengths is None:
-            raise ValueError(f"engine policy {name!r} is a clairvoyant reference: it needs replayed true lengths")
-        options["true_lengths"] = true_lengths
-    try:
-        return cls(**options)
-    except TypeError as e:
-        raise ValueError(f"engine policy {name!r}: bad options {sorted(options)}: {e}") from None
+    return _POLICIES.make(name, {"true_lengths": true_lengths},
+                          {"true_lengths": "it is a clairvoyant reference and needs replayed true lengths"}, **options)
