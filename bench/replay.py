@@ -14,14 +14,14 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import grpc
 
 from bench.metrics import RequestRecord
 from bench.traces import TraceRequest
 from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc
-from services.slo import DEFAULT_SLO_CLASSES, SloClass
+from services.slo import DEFAULT_SLO_CLASSES, SloClass, resolve
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,14 @@ class ReplayItem:
     max_tokens: int = 0                # the client's cap, what schedulers see; 0 = the true length (no cap)
     prefix_hashes: tuple[int, ...] = ()   # ids of the prompt's blocks: equal ids, equal prompt blocks
     block_tokens: int = 512               # tokens per prefix_hashes block, as the trace counted them
+    slo_scale: float = 1.0                # the request's targets are its class's times this ...
+    ttft_ms: float = 0.0                  # ... or these, where set (0: the class's)
+    tpot_ms: float = 0.0
+    e2e_ms: float = 0.0
+
+    def slo_for(self, classes: Mapping[str, SloClass]) -> SloClass:
+        """The targets this request is held to: its class's, overridden as the request says."""
+        return resolve(classes[self.slo_class], self.ttft_ms, self.tpot_ms, self.e2e_ms, self.slo_scale)
 
     @property
     def cap(self) -> int:

@@ -25,3 +25,11 @@ DEFAULT_SLO_CLASSES: dict[str, SloClass] = {
     "code": SloClass(e2e_ms=2000),
     "batch": SloClass(e2e_ms=60_000, sheddable=True),
 }
+
+
+def resolve(cls: SloClass, ttft_ms: float = 0.0, tpot_ms: float = 0.0, e2e_ms: float = 0.0,
+            scale: float = 1.0) -> SloClass:
+    """A request's own targets: its class's, each multiplied by ``scale``, then any target the request sets
+    itself (non-zero) in place of the class's. One rule for the gateway, replay and the simulator."""
+    return SloClass(ttft_ms=ttft_ms or cls.ttft_ms * scale, tpot_ms=tpot_ms or cls.tpot_ms * scale,
+                    e2e_ms=e2e_ms or cls.e2e_ms * scale, sheddable=cls.sheddable)

@@ -58,6 +58,11 @@ class Request:
     tenant: str = ""
     eos_token_id: int | None = None
     predicted_output_len: float | None = None  # median of the predicted distribution, when known
+    #: the predicted output-length distribution: lengths at the predictor's quantiles (0.1, 0.5, 0.9), or empty
+    predicted_lengths: tuple[float, ...] = ()
+    #: seconds the request spent before this engine saw it (gateway, balancer queue, routing): its SLO clock
+    #: started that much before ``arrival_time``
+    upstream_s: float = 0.0
 
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
@@ -75,6 +80,11 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
+
+    @property
+    def slo_start(self) -> float:
+        """When the request's SLO clock started, on the engine's clock (the client's arrival, not the engine's)."""
+        return self.arrival_time - self.upstream_s
 
     @property
     def num_prompt_tokens(self) -> int:
