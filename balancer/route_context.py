@@ -19,3 +19,4 @@ class RouteContext:
     e2e_ms: float = 0.0
     sheddable: bool = False
     prefix_hashes: tuple[int, ...] = ()
+    predicted_lengths: tuple[float, ...] = ()   # the whole predicted distribution, at the predictor's quantiles

@@ -180,7 +180,8 @@ def route_context(request: balancer_pb2.RouteRequest) -> RouteContext:
         prompt_tokens=request.prompt_tokens_estimate or max(1, request.prompt_chars // 4),
         max_tokens=request.max_tokens, predicted_output=lengths[len(lengths) // 2] if lengths else 0.0,
         priority=request.priority, tenant=request.tenant, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
-        e2e_ms=slo.e2e_ms, sheddable=request.sheddable or slo.sheddable, prefix_hashes=tuple(request.prefix_hashes))
+        e2e_ms=slo.e2e_ms, sheddable=request.sheddable or slo.sheddable, prefix_hashes=tuple(request.prefix_hashes),
+        predicted_lengths=tuple(lengths))
 
 
 def main(argv: Sequence[str] = ()) -> None:

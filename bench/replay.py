@@ -45,6 +45,11 @@ class ReplayItem:
         return resolve(classes[self.slo_class], self.ttft_ms, self.tpot_ms, self.e2e_ms, self.slo_scale)
 
     @property
+    def overrides_slo(self) -> bool:
+        """Whether the request has targets of its own, not just its class's."""
+        return self.slo_scale != 1.0 or bool(self.ttft_ms or self.tpot_ms or self.e2e_ms)
+
+    @property
     def cap(self) -> int:
         return self.max_tokens or self.output_tokens
 
@@ -91,11 +96,20 @@ def prompt_for_item(item: ReplayItem, block_tokens: int | None = None) -> str:
     return " ".join(words)
 
 
+def set_slo_targets(request: gateway_pb2.GenerateRequest, slo: SloClass) -> None:
+    """The request's own targets on the wire: each one the resolved SloClass has (0: none, the class's)."""
+    for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        if value := getattr(slo, name):
+            setattr(request, name, value)
+
+
 async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict[str, SloClass] | None = None,
                  timeout_s: float = 300.0, on_done: Callable[[RequestRecord], None] | None = None,
                  prompt_for: Callable[[ReplayItem], str] | None = None) -> tuple[list[RequestRecord], float]:
     """Send every item at its arrival time; return the records and the run's duration in seconds. Prompts come
-    from ``prompt_for(item)``, by default ``prompt_for_item`` (shared text where the trace shares blocks)."""
+    from ``prompt_for(item)``, by default ``prompt_for_item`` (shared text where the trace shares blocks). An item
+    with targets of its own (``overrides_slo``) sends them, resolved against ``slo_classes``, with the request, and
+    its record is scored against them."""
     classes = slo_classes or DEFAULT_SLO_CLASSES
     prompt_for = prompt_for or prompt_for_item
     records: list[RequestRecord] = []
@@ -107,11 +121,14 @@ async def replay(address: str, items: Sequence[ReplayItem], *, slo_classes: dict
             delay = start + item.arrival_s - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            record = RequestRecord(uuid.uuid4().hex, item.slo_class, classes[item.slo_class], time.perf_counter())
+            slo = item.slo_for(classes)
+            record = RequestRecord(uuid.uuid4().hex, item.slo_class, slo, time.perf_counter())
             request = gateway_pb2.GenerateRequest(
                 prompt=prompt_for(item), max_tokens=item.cap, slo_class=item.slo_class,
                 request_id=record.request_id, temperature=0.0, priority=item.priority, tenant=item.tenant,
                 replay_truth=common_pb2.ReplayTruth(output_tokens=item.output_tokens))
+            if item.overrides_slo:
+                set_slo_targets(request, slo)
             try:
                 async for reply in stub.Generate(request, timeout=timeout_s):
                     now = time.perf_counter()

@@ -10,6 +10,8 @@
       - {trace: azure-code, slo_class: code}
       - {trace: sharegpt, slo_class: batch, arrival: poisson, rate: 0.5}
       - {trace: path/to/own.csv, slo_class: interactive, max_tokens: window}   # Azure-format CSV, or .jsonl
+      - {trace: azure-conv, slo_class: interactive, slo_scale: 2}     # twice the class's targets
+      - {trace: azure-code, slo_class: code, e2e_ms: 5000}            # its own E2E target, in place of the class's
 
 A JSONL trace has one object a line, either with ``arrival_s``, ``input_tokens`` and ``output_tokens``, or in
 the published prefix-sharing traces' scheme (Mooncake's): ``timestamp`` (ms), ``input_length``, ``output_length`` and
@@ -19,6 +21,11 @@ become equal prompt text on replay, so prefix caches and prefix-aware routing se
 ``max_tokens`` is what each request of a source sends as its cap, as a real client does: a number (default
 2048), or ``window`` for whatever fits the context after the prompt. It is clipped to the window either way.
 The trace's true answer length is kept apart (``ReplayItem.output_tokens``), for the executor's stop rule only.
+
+A source's requests are held to their class's SLO targets unless it says otherwise: ``slo_scale`` multiplies every
+target of the class (2: twice as loose), and ``ttft_ms``, ``tpot_ms`` or ``e2e_ms`` (> 0) replace the class's own
+target outright (``services.slo.resolve``). Replay sends such targets with each request, so the gateway, balancer and
+worker schedule against them, and the run is scored against them.
 """
 
 from __future__ import annotations
@@ -49,6 +56,13 @@ class Source(BaseModel):
     tenant: str = ""
     max_tokens: int | Literal["window"] = Field(DEFAULT_MAX_TOKENS, description="the cap each request sends, or 'window'")
     block_tokens: int = Field(512, gt=0, description="tokens per hash_ids block of the trace")
+    slo_scale: float = Field(1.0, gt=0, allow_inf_nan=False, description="the class's SLO targets times this")
+    ttft_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
+                           description="a TTFT target in place of the class's (0: the class's)")
+    tpot_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
+                           description="a TPOT target in place of the class's (0: the class's)")
+    e2e_ms: float = Field(0.0, ge=0, allow_inf_nan=False,
+                          description="an E2E target in place of the class's (0: the class's)")
 
     @field_validator("max_tokens")
     @classmethod
@@ -164,6 +178,7 @@ def build_workload(sc: Scenario, max_model_len: int) -> list[ReplayItem]:
             hashes = r.hash_ids[:-(-n_in // source.block_tokens)]          # ceil: the last block may be partial
             items.append(ReplayItem(r.arrival_s / sc.rate_scale, n_in, n_out, source.slo_class, source.priority,
                                     source.tenant, max_tokens=cap, prefix_hashes=hashes,
-                                    block_tokens=source.block_tokens))
+                                    block_tokens=source.block_tokens, slo_scale=source.slo_scale,
+                                    ttft_ms=source.ttft_ms, tpot_ms=source.tpot_ms, e2e_ms=source.e2e_ms))
     items.sort(key=lambda i: i.arrival_s)
     return items

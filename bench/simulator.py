@@ -166,13 +166,14 @@ class Simulator:
 
     # ----- the balancer's side -----------------------------------------------------------------------
     def _arrive(self, rid: str, item: ReplayItem) -> None:
-        slo = self.classes[item.slo_class]
+        slo = item.slo_for(self.classes)
         now = self.clock.now()
         self._records[rid] = RequestRecord(rid, item.slo_class, slo, now, prompt_tokens=item.input_tokens)
         self._items[rid] = item
         lengths, _ = self.predictor.predict(item.slo_class, item.input_tokens, "", item.cap)
         ctx = RouteContext(rid, item.slo_class, item.input_tokens, item.cap, lengths[1], item.priority,
-                           item.tenant, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms, slo.sheddable, item.prefix_hashes)
+                           item.tenant, slo.ttft_ms, slo.tpot_ms, slo.e2e_ms, slo.sheddable, item.prefix_hashes,
+                           predicted_lengths=lengths)
         candidates = self._candidates(item)
         if not candidates:
             self._end(rid, "UNAVAILABLE: no worker can hold it")
@@ -223,12 +224,13 @@ class Simulator:
         """The request reaches the worker's engine, as the live worker's Generate hands it over."""
         worker = self.workers[worker_id]
         item = self._items[ctx.request_id]
-        slo = self.classes[item.slo_class]
+        now = self.clock.now()
         worker.engine.submit(Request(
-            ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.cap),
-            self.clock.now(), priority=item.priority, tenant=item.tenant,
-            slo=SloTarget(item.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
-            eos_token_id=worker.executor.tokenizer.eos_token_id, predicted_output_len=ctx.predicted_output),
+            ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.cap), now,
+            priority=item.priority, tenant=item.tenant,
+            slo=SloTarget(item.slo_class, ctx.ttft_ms / 1000, ctx.tpot_ms / 1000, ctx.e2e_ms / 1000, ctx.sheddable),
+            eos_token_id=worker.executor.tokenizer.eos_token_id, predicted_output_len=ctx.predicted_output,
+            predicted_lengths=ctx.predicted_lengths, upstream_s=now - self._records[ctx.request_id].arrival),
             item.output_tokens)
         if not worker.busy:
             self._start(worker)

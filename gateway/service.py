@@ -25,8 +25,8 @@ from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_p
                           profiler_pb2_grpc, worker_pb2, worker_pb2_grpc)
 from services.server import ServiceHost, run_service
 from profiler.predictor import length_bucket, prompt_feature
-from services.slo import DEFAULT_CLASS
-from services.validation import Invalid, check_prompt_text, check_sampling
+from services.slo import DEFAULT_CLASS, SloClass, resolve
+from services.validation import Invalid, check_prompt_text, check_sampling, check_slo_target
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             code = grpc.StatusCode.UNAUTHENTICATED if e.code == "unauthenticated" else grpc.StatusCode.PERMISSION_DENIED
             await context.abort(code, str(e))
         request_id = request.request_id or uuid.uuid4().hex
-        slo = self.cfg.slo_classes[slo_class]
+        slo = self._slo(request, slo_class)
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.cfg.default_max_tokens
         with self.telemetry.server_span("gateway.generate", context.invocation_metadata()) as span:
             span.set_attributes({"tandem.request_id": request_id, "tandem.slo_class": slo_class,
-                                 "tandem.tenant": tenant, "tandem.max_tokens": max_tokens})
+                                 "tandem.tenant": tenant, "tandem.max_tokens": max_tokens,
+                                 "tandem.slo_ttft_ms": slo.ttft_ms, "tandem.slo_tpot_ms": slo.tpot_ms,
+                                 "tandem.slo_e2e_ms": slo.e2e_ms})
             worker_request = worker_pb2.WorkerGenerateRequest(
                 request_id=request_id, prompt=request.prompt, priority=request.priority, tenant=tenant,
                 sampling=common_pb2.SamplingParams(
@@ -157,6 +159,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise Invalid("slo_class", f"unknown class {slo_class!r}; known: {', '.join(sorted(self.cfg.slo_classes))}")
         if len(request.request_id) > 128:
             raise Invalid("request_id", "at most 128 characters")
+        for name in ("ttft_ms", "tpot_ms", "e2e_ms"):
+            check_slo_target(name, getattr(request, name) if request.HasField(name) else None)
+
+    def _slo(self, request: gateway_pb2.GenerateRequest, slo_class: str) -> SloClass:
+        """The request's own targets: its class's, with any the request sets itself in their place."""
+        return resolve(self.cfg.slo_classes[slo_class], request.ttft_ms, request.tpot_ms, request.e2e_ms)
 
     async def _predict(self, slo_class: str, max_tokens: int, prompt: str) -> common_pb2.LengthPrediction:
         """Cached for a few seconds per (class, limit, length bucket, feature), and bounded in time: a slow
@@ -209,6 +217,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 context.set_trailing_metadata(tuple(hint))
             await context.abort(e.code(), f"balancer: {e.details()}")
         relay.worker_id = choice.worker_id
+        # the request's SLO clock started at the gateway: routing, the balancer's queue and any earlier
+        # attempts count against its targets
+        worker_request.upstream_ms = (time.perf_counter() - relay.arrival) * 1000
         call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining(),
                                                      metadata=self.telemetry.outgoing_metadata())
         try:

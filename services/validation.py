@@ -46,3 +46,9 @@ def check_lengths(prompt_tokens: int, max_tokens: int, max_model_len: int) -> No
     if prompt_tokens + max_tokens > max_model_len:
         raise Invalid("max_tokens", f"{max_tokens} plus the prompt's {prompt_tokens} tokens exceed the context "
                                     f"window of {max_model_len}")
+
+
+def check_slo_target(field: str, value: float | None) -> None:
+    """A request's own SLO target in ms: finite and >= 0 (0 or unset keeps its class's)."""
+    if value is not None and (math.isnan(value) or math.isinf(value) or value < 0):
+        raise Invalid(field, f"must be a finite number of milliseconds >= 0 (0: the class's target), got {value}")

@@ -11,6 +11,7 @@ from workers.executors.base import Executor
 from workers.executors.sim import SimExecutor
 from workers.policies import make_policy
 from workers.scheduler import Scheduler, SchedulerConfig
+from workers.step_estimate import ObservedLatency
 
 
 def build_executor(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None
@@ -52,6 +53,10 @@ def assemble_engine(executor: Executor, num_blocks: int, block_size: int, max_nu
     """An engine around ``executor``: its blocks, scheduler and policy. The worker and the simulator both use it."""
     blocks = BlockManager(num_blocks, block_size)
     executor.bind_blocks(blocks)
+    # the worker's own latency model when its executor runs on one, else what the engine measures of its steps
+    latency = getattr(executor, "latency", None)
+    observed = ObservedLatency() if latency is None else None
     scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, executor.max_model_len), blocks,
-                          make_policy(policy, true_lengths=executor.true_lengths, **policy_options), clock)
-    return Engine(scheduler, executor, clock, **engine_kw)
+                          make_policy(policy, true_lengths=executor.true_lengths, latency=latency or observed,
+                                      **policy_options), clock)
+    return Engine(scheduler, executor, clock, step_observer=observed, **engine_kw)

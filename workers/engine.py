@@ -22,6 +22,7 @@ from workers.clock import Clock
 from workers.executors.base import Executor
 from workers.request import Request, RequestStatus
 from workers.scheduler import RequestOutput, Scheduler, SchedulerOutput
+from workers.step_estimate import ObservedLatency
 from workers.tokenizer import Detokenizer
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,11 @@ class Engine:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock,
                  on_iteration: Callable[[IterationStats, SchedulerOutput], None] | None = None,
                  step_time_ema: float = 0.2, on_output: Callable[[RequestOutput], None] | None = None,
-                 recent_steps: int = 256) -> None:
+                 recent_steps: int = 256, step_observer: ObservedLatency | None = None) -> None:
         """``on_output`` receives the outputs of requests added with ``submit`` (no stream: the simulator);
-        ``recent_steps`` iterations are kept for the worker's stats (0 keeps none and skips counting them)."""
+        ``recent_steps`` iterations are kept for the worker's stats (0 keeps none and skips counting them);
+        ``step_observer`` learns step times from every iteration (the SLO-aware policies' latency model on an
+        executor without one)."""
         self.scheduler = scheduler
         self.executor = executor
         self.clock = clock
@@ -94,6 +97,7 @@ class Engine:
         self.recent: deque[IterationStats] = deque(maxlen=recent_steps)
         self.step_time_ms = 0.0
         self._ema = step_time_ema
+        self.step_observer = step_observer
 
     # ----- requests ----------------------------------------------------------------------------------
     def add_request(self, request: Request, true_output_len: int = 0) -> RequestStream:
@@ -176,6 +180,8 @@ class Engine:
         ms = step * 1000.0
         self.step_time_ms = ms if self.iterations == 1 else (1 - self._ema) * self.step_time_ms + self._ema * ms
         self.preemptions += len(out.preempted)
+        if self.step_observer is not None:
+            self.step_observer.observe(out, step)
         if not self.recent.maxlen and self.on_iteration is None:
             return
         stats = IterationStats(self.iterations, start, step, len(out.scheduled), out.num_prefill_tokens,

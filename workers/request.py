@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from services.length_distribution import LengthDistribution
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -73,6 +75,7 @@ class Request:
     finished_time: float | None = None
     preemption_times: list[float] = field(default_factory=list)
     num_tokens: int = 0                        # prompt plus output; kept as a counter, it is read every step
+    _length_distribution: LengthDistribution | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.num_tokens = len(self.prompt_token_ids) + len(self.output_token_ids)
@@ -80,6 +83,14 @@ class Request:
     def append_output(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.num_tokens += 1
+
+    @property
+    def length_distribution(self) -> LengthDistribution:
+        """The predicted output length as a distribution, capped by ``max_tokens`` (uniform when unpredicted)."""
+        if self._length_distribution is None:
+            lengths = self.predicted_lengths or ((self.predicted_output_len,) * 3 if self.predicted_output_len else ())
+            self._length_distribution = LengthDistribution.from_quantiles(lengths, self.sampling.max_tokens)
+        return self._length_distribution
 
     @property
     def slo_start(self) -> float:

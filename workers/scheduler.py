@@ -144,6 +144,9 @@ class Scheduler:
         if not policy.static_key:
             self.running.sort(key=lambda r: policy.key(r, now))
             self.waiting.sort(key=lambda r: policy.key(r, now))
+        policy.plan(now, self.running, self.waiting)
+        max_seqs = self.config.max_num_seqs if policy.max_running is None else \
+            max(1, min(policy.max_running, self.config.max_num_seqs))
 
         # 1. the policy may evict running requests in favour of a more important waiting one
         if self.waiting and self.running:
@@ -181,7 +184,7 @@ class Scheduler:
             started = list(running)
             admitted: list[Request] = []
             for request in self.waiting:
-                if budget <= 0 or len(running) + len(admitted) >= self.config.max_num_seqs:
+                if budget <= 0 or len(running) + len(admitted) >= max_seqs:
                     break
                 if not policy.admit(request, now, started):
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from typing import AsyncIterator, Sequence
@@ -74,7 +75,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         with self.telemetry.server_span("worker.generate", context.invocation_metadata()) as span:
             span.set_attributes({"tandem.request_id": rid, "tandem.worker_id": self.cfg.worker_id,
                                  "tandem.gpu_type": self.cfg.gpu_type, "tandem.slo_class": request.slo.slo_class,
-                                 "tandem.prompt_tokens": engine_request.num_prompt_tokens})
+                                 "tandem.prompt_tokens": engine_request.num_prompt_tokens,
+                                 "tandem.upstream_ms": engine_request.upstream_s * 1000,
+                                 "tandem.slo_ttft_ms": engine_request.slo.ttft_s * 1000,
+                                 "tandem.slo_tpot_ms": engine_request.slo.tpot_s * 1000,
+                                 "tandem.slo_e2e_ms": engine_request.slo.e2e_s * 1000})
             try:
                 stream = self.engine.add_request(engine_request, request.replay_truth.output_tokens)
             except RuntimeError as e:
@@ -154,6 +159,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                            f"{blocks.num_blocks}")
         slo = request.slo
         lengths = list(request.predicted_length.lengths)
+        upstream_ms = request.upstream_ms if math.isfinite(request.upstream_ms) and request.upstream_ms > 0 else 0.0
         return Request(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt_token_ids=prompt_ids,
@@ -163,7 +169,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             arrival_time=arrival, priority=request.priority, tenant=request.tenant,
             slo=SloTarget(slo.slo_class, slo.ttft_ms / 1000, slo.tpot_ms / 1000, slo.e2e_ms / 1000, slo.sheddable),
             eos_token_id=tokenizer.eos_token_id,
-            predicted_output_len=lengths[len(lengths) // 2] if lengths else None)
+            predicted_output_len=lengths[len(lengths) // 2] if lengths else None,
+            predicted_lengths=tuple(lengths),
+            upstream_s=upstream_ms / 1000)
 
     def _metrics(self, r: Request) -> common_pb2.RequestMetrics:
         end = r.finished_time or self.clock.now()

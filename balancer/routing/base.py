@@ -52,6 +52,11 @@ def policy_names() -> list[str]:
     return _POLICIES.names()
 
 
-def make_policy(name: str, *, seed: int = 0, **options: object) -> RoutingPolicy:
-    """The policy called ``name`` with its options; the seed goes only to policies that declare they need one."""
-    return _POLICIES.make(name, {"seed": seed}, **options)
+def make_policy(name: str, *, seed: int = 0, late_binding: bool | None = None, **options: object) -> RoutingPolicy:
+    """The policy called ``name`` with its options; the seed goes only to policies that declare they need one.
+    ``late_binding`` (any policy's option) overrides whether it holds requests in the balancer's queue or binds
+    them at once and lets the engines order and triage them."""
+    policy = _POLICIES.make(name, {"seed": seed}, **options)
+    if late_binding is not None:
+        policy.late_binding = bool(late_binding)
+    return policy

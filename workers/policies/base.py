@@ -23,6 +23,14 @@ class EnginePolicy:
     #: ``TrueLengths``) for clairvoyant references. Options from a cluster file are keyword arguments too.
     needs: ClassVar[frozenset[str]] = frozenset()
 
+    #: The most requests the batch may hold, below the scheduler's ``max_num_seqs``; None leaves that limit.
+    max_running: int | None = None
+
+    def plan(self, now: float, running: Sequence[Request], waiting: list[Request]) -> None:
+        """Called once at the start of every step, before anything is scheduled. A policy whose order depends
+        on time (triage) may re-position requests within ``waiting`` here, keeping it sorted by its own
+        ``key``, and may set ``max_running``; cheap policies leave it empty."""
+
     def key(self, request: Request, now: float) -> tuple:
         """Sort key: smaller goes first, both for admission and for the running batch."""
         return (request.arrival_time,)
@@ -61,7 +69,10 @@ def policy_names() -> list[str]:
     return _POLICIES.names()
 
 
-def make_policy(name: str, *, true_lengths: object = None, **options: object) -> EnginePolicy:
-    """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them."""
-    return _POLICIES.make(name, {"true_lengths": true_lengths},
-                          {"true_lengths": "it is a clairvoyant reference and needs replayed true lengths"}, **options)
+def make_policy(name: str, *, true_lengths: object = None, latency: object = None, **options: object
+                ) -> EnginePolicy:
+    """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them,
+    and ``latency`` (the worker's step-time model) to one that plans by it."""
+    return _POLICIES.make(name, {"true_lengths": true_lengths, "latency": latency},
+                          {"true_lengths": "it is a clairvoyant reference and needs replayed true lengths",
+                           "latency": "it plans by the worker's step times"}, **options)

@@ -26,7 +26,7 @@ from services.proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 from services.proto.tandem.v1 import balancer_pb2 as tandem_dot_v1_dot_balancer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x18tandem/v1/balancer.proto\"\xd5\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\tslo_class\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12,\n\x0creplay_truth\x18\r \x01(\x0b\x32\x16.tandem.v1.ReplayTruthB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\x98\x01\n\x15\x43lusterStatusResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x14\n\x0cqueue_length\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x04 \x01(\x05\x12\x12\n\nshed_total\x18\x05 \x01(\x03\x32\xa4\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12R\n\rClusterStatus\x12\x1f.tandem.v1.ClusterStatusRequest\x1a .tandem.v1.ClusterStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tandem/v1/gateway.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\x1a\x18tandem/v1/balancer.proto\"\xb9\x03\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\nmax_tokens\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x02\x88\x01\x01\x12\r\n\x05top_k\x18\x05 \x01(\x05\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\tslo_class\x18\x08 \x01(\t\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x0e\n\x06tenant\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12,\n\x0creplay_truth\x18\r \x01(\x0b\x32\x16.tandem.v1.ReplayTruth\x12\x14\n\x07ttft_ms\x18\x0e \x01(\x01H\x04\x88\x01\x01\x12\x14\n\x07tpot_ms\x18\x0f \x01(\x01H\x05\x88\x01\x01\x12\x13\n\x06\x65\x32\x65_ms\x18\x10 \x01(\x01H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seedB\n\n\x08_ttft_msB\n\n\x08_tpot_msB\t\n\x07_e2e_ms\"\x8a\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"\x16\n\x14\x43lusterStatusRequest\"\x98\x01\n\x15\x43lusterStatusResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x14\n\x0cqueue_length\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x04 \x01(\x05\x12\x12\n\nshed_total\x18\x05 \x01(\x03\x32\xa4\x01\n\x07Gateway\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12R\n\rClusterStatus\x12\x1f.tandem.v1.ClusterStatusRequest\x1a .tandem.v1.ClusterStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,13 +34,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.gateway_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=89
-  _globals['_GENERATEREQUEST']._serialized_end=430
-  _globals['_GENERATERESPONSE']._serialized_start=433
-  _globals['_GENERATERESPONSE']._serialized_end=571
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=573
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=595
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=598
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=750
-  _globals['_GATEWAY']._serialized_start=753
-  _globals['_GATEWAY']._serialized_end=917
+  _globals['_GENERATEREQUEST']._serialized_end=530
+  _globals['_GENERATERESPONSE']._serialized_start=533
+  _globals['_GENERATERESPONSE']._serialized_end=671
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=673
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=695
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=698
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=850
+  _globals['_GATEWAY']._serialized_start=853
+  _globals['_GATEWAY']._serialized_end=1017
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"C\n\tProbeSpec\x12\x16\n\x0eprefill_tokens\x18\x01 \x01(\x05\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x05\"C\n\x0bProbeResult\x12#\n\x05probe\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ProbeSpec\x12\x0f\n\x07step_ms\x18\x02 \x01(\x01\"G\n\x0eProfileRequest\x12$\n\x06probes\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ProbeSpec\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\"\x9c\x01\n\x0fProfileResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ProbeResult\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x03\"\x90\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1f\n\x03slo\x18\x04 \x01(\x0b\x32\x12.tandem.v1.SloSpec\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x35\n\x10predicted_length\x18\x07 \x01(\x0b\x32\x1b.tandem.v1.LengthPrediction\x12,\n\x0creplay_truth\x18\x08 \x01(\x0b\x32\x16.tandem.v1.ReplayTruth\"|\n\x16WorkerGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\"\x11\n\x0fGetStatsRequest\"\xd8\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x12\n\niterations\x18\n \x01(\x03\x12\x14\n\x0cstep_time_ms\x18\x0b \x01(\x01\x12\x10\n\x08\x66inished\x18\x0c \x01(\x03\x12\x0f\n\x07\x61\x62orted\x18\r \x01(\x03\x12\x15\n\rmax_model_len\x18\x0e \x01(\x05\x12\x15\n\rengine_policy\x18\x0f \x01(\t\x12\x19\n\x11recent_batch_size\x18\x10 \x01(\x01\x12\x1d\n\x15recent_prefill_tokens\x18\x11 \x01(\x01\x12\x1c\n\x14recent_decode_tokens\x18\x12 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x13 \x01(\x03\x12\x1e\n\x16max_num_batched_tokens\x18\x14 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x15 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x99\x02\n\x06Worker\x12Q\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a!.tandem.v1.WorkerGenerateResponse0\x01\x12>\n\x08GetStats\x12\x1a.tandem.v1.GetStatsRequest\x1a\x16.tandem.v1.WorkerStats\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12@\n\x07Profile\x12\x19.tandem.v1.ProfileRequest\x1a\x1a.tandem.v1.ProfileResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"C\n\tProbeSpec\x12\x16\n\x0eprefill_tokens\x18\x01 \x01(\x05\x12\r\n\x05\x62\x61tch\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontext\x18\x03 \x01(\x05\"C\n\x0bProbeResult\x12#\n\x05probe\x18\x01 \x01(\x0b\x32\x14.tandem.v1.ProbeSpec\x12\x0f\n\x07step_ms\x18\x02 \x01(\x01\"G\n\x0eProfileRequest\x12$\n\x06probes\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ProbeSpec\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\"\x9c\x01\n\x0fProfileResponse\x12\'\n\x07results\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ProbeResult\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x1a\n\x12kv_capacity_tokens\x18\x06 \x01(\x03\"\xa5\x02\n\x15WorkerGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x1f\n\x03slo\x18\x04 \x01(\x0b\x32\x12.tandem.v1.SloSpec\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x35\n\x10predicted_length\x18\x07 \x01(\x0b\x32\x1b.tandem.v1.LengthPrediction\x12,\n\x0creplay_truth\x18\x08 \x01(\x0b\x32\x16.tandem.v1.ReplayTruth\x12\x13\n\x0bupstream_ms\x18\t \x01(\x01\"|\n\x16WorkerGenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12*\n\x07metrics\x18\x04 \x01(\x0b\x32\x19.tandem.v1.RequestMetrics\"\x11\n\x0fGetStatsRequest\"\xd8\x03\n\x0bWorkerStats\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08gpu_type\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x04 \x01(\t\x12\x0f\n\x07running\x18\x05 \x01(\x05\x12\x0f\n\x07waiting\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x08 \x01(\x05\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x12\n\niterations\x18\n \x01(\x03\x12\x14\n\x0cstep_time_ms\x18\x0b \x01(\x01\x12\x10\n\x08\x66inished\x18\x0c \x01(\x03\x12\x0f\n\x07\x61\x62orted\x18\r \x01(\x03\x12\x15\n\rmax_model_len\x18\x0e \x01(\x05\x12\x15\n\rengine_policy\x18\x0f \x01(\t\x12\x19\n\x11recent_batch_size\x18\x10 \x01(\x01\x12\x1d\n\x15recent_prefill_tokens\x18\x11 \x01(\x01\x12\x1c\n\x14recent_decode_tokens\x18\x12 \x01(\x01\x12\x13\n\x0bpreemptions\x18\x13 \x01(\x03\x12\x1e\n\x16max_num_batched_tokens\x18\x14 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\x15 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x99\x02\n\x06Worker\x12Q\n\x08Generate\x12 .tandem.v1.WorkerGenerateRequest\x1a!.tandem.v1.WorkerGenerateResponse0\x01\x12>\n\x08GetStats\x12\x1a.tandem.v1.GetStatsRequest\x1a\x16.tandem.v1.WorkerStats\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponse\x12@\n\x07Profile\x12\x19.tandem.v1.ProfileRequest\x1a\x1a.tandem.v1.ProfileResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,17 +41,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROFILERESPONSE']._serialized_start=273
   _globals['_PROFILERESPONSE']._serialized_end=429
   _globals['_WORKERGENERATEREQUEST']._serialized_start=432
-  _globals['_WORKERGENERATEREQUEST']._serialized_end=704
-  _globals['_WORKERGENERATERESPONSE']._serialized_start=706
-  _globals['_WORKERGENERATERESPONSE']._serialized_end=830
-  _globals['_GETSTATSREQUEST']._serialized_start=832
-  _globals['_GETSTATSREQUEST']._serialized_end=849
-  _globals['_WORKERSTATS']._serialized_start=852
-  _globals['_WORKERSTATS']._serialized_end=1324
-  _globals['_ABORTREQUEST']._serialized_start=1326
-  _globals['_ABORTREQUEST']._serialized_end=1360
-  _globals['_ABORTRESPONSE']._serialized_start=1362
-  _globals['_ABORTRESPONSE']._serialized_end=1392
-  _globals['_WORKER']._serialized_start=1395
-  _globals['_WORKER']._serialized_end=1676
+  _globals['_WORKERGENERATEREQUEST']._serialized_end=725
+  _globals['_WORKERGENERATERESPONSE']._serialized_start=727
+  _globals['_WORKERGENERATERESPONSE']._serialized_end=851
+  _globals['_GETSTATSREQUEST']._serialized_start=853
+  _globals['_GETSTATSREQUEST']._serialized_end=870
+  _globals['_WORKERSTATS']._serialized_start=873
+  _globals['_WORKERSTATS']._serialized_end=1345
+  _globals['_ABORTREQUEST']._serialized_start=1347
+  _globals['_ABORTREQUEST']._serialized_end=1381
+  _globals['_ABORTRESPONSE']._serialized_start=1383
+  _globals['_ABORTRESPONSE']._serialized_end=1413
+  _globals['_WORKER']._serialized_start=1416
+  _globals['_WORKER']._serialized_end=1697
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,7 @@ class ProfileResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[ProbeResult, _Mapping]]] = ..., worker_id: _Optional[str] = ..., model: _Optional[str] = ..., gpu_type: _Optional[str] = ..., executor: _Optional[str] = ..., kv_capacity_tokens: _Optional[int] = ...) -> None: ...
 
 class WorkerGenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "sampling", "slo", "priority", "tenant", "predicted_length", "replay_truth")
+    __slots__ = ("request_id", "prompt", "sampling", "slo", "priority", "tenant", "predicted_length", "replay_truth", "upstream_ms")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class WorkerGenerateRequest(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     REPLAY_TRUTH_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_MS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     sampling: _common_pb2.SamplingParams
@@ -67,7 +68,8 @@ class WorkerGenerateRequest(_message.Message):
     tenant: str
     predicted_length: _common_pb2.LengthPrediction
     replay_truth: _common_pb2.ReplayTruth
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_common_pb2.SloSpec, _Mapping]] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ..., replay_truth: _Optional[_Union[_common_pb2.ReplayTruth, _Mapping]] = ...) -> None: ...
+    upstream_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., slo: _Optional[_Union[_common_pb2.SloSpec, _Mapping]] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ..., replay_truth: _Optional[_Union[_common_pb2.ReplayTruth, _Mapping]] = ..., upstream_ms: _Optional[float] = ...) -> None: ...
 
 class WorkerGenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "metrics")

@@ -1,0 +1,142 @@
+"""What every SLO-aware engine policy shares: deadlines, a step-time estimate, feasibility and triage.
+
+A request's next SLO milestone (``due``) is its first token by arrival + TTFT target, or its last token by
+arrival + E2E target, or, once it streams, its next token at the pace the TPOT target allows; the SLO clock
+starts at the client's arrival (``Request.slo_start``), not when this engine first saw the request.
+A request is *late* when even an optimistic forecast misses its milestone: its pending prefill, then the
+``optimism`` quantile of its predicted remaining length at the current decode step time (the worker's own
+latency model). Triage puts late requests behind every request that can still make it: they still run when
+there is room, finish, and count as missed, but no longer take the batch from those that can be saved.
+
+Keys are static between steps (the scheduler keeps its queues sorted by insertion); ``plan`` re-checks the
+head of the waiting queue every step and moves any request that became late behind the feasible ones. A
+policy adds only its ``rank`` among feasible requests (and among late ones).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Callable, Sequence
+from weakref import WeakSet
+
+from workers.policies.base import EnginePolicy
+from workers.request import Request
+from workers.step_estimate import StepTimes
+
+
+class SloAwarePolicy(EnginePolicy):
+    needs = frozenset({"latency"})
+    #: a context length typical of a decoding request, for the step-time estimate before the batch says
+    DEFAULT_CONTEXT = 512
+
+    def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 32,
+                 max_preemptions: int = 1) -> None:
+        if not 0 <= optimism <= 1:
+            raise ValueError("optimism is a quantile, in [0, 1]")
+        self.latency = latency
+        self.triage = triage
+        self.optimism = optimism
+        self.window = window                   # waiting requests re-checked per step
+        self.max_preemptions = max_preemptions  # a request is preempted for triage at most this often
+        self.late: WeakSet[Request] = WeakSet()
+        self._shape = (0, 0)
+        self.step_s = latency.decode_time(1, self.DEFAULT_CONTEXT)
+
+    # ----- SLO arithmetic --------------------------------------------------------------------------------
+    @staticmethod
+    def due(request: Request) -> float:
+        """When the request's next SLO milestone falls, on the engine's clock (inf when it has none)."""
+        slo = request.slo
+        if slo.e2e_s:
+            return request.slo_start + slo.e2e_s
+        if request.first_token_time is None:
+            return request.slo_start + slo.ttft_s if slo.ttft_s else float("inf")
+        if slo.tpot_s:
+            return request.first_token_time + request.num_output_tokens * slo.tpot_s
+        return float("inf")
+
+    def remaining_tokens(self, request: Request, quantile: float = 0.5) -> float:
+        """Output tokens still to come at ``quantile`` of the predicted distribution, given those produced."""
+        left = request.sampling.max_tokens - request.num_output_tokens
+        return max(1.0, min(left, request.length_distribution.remaining(request.num_output_tokens).quantile(quantile)))
+
+    def next_token_at(self, request: Request, now: float) -> float:
+        """The earliest the request's next token could come: its pending prefill (or recompute), then a step."""
+        pending = request.num_pending_tokens
+        return now + (self.latency.prefill_time(pending) if pending > 1 else 0.0) + self.step_s
+
+    def finish_at(self, request: Request, now: float, quantile: float = 0.5) -> float:
+        return self.next_token_at(request, now) + (self.remaining_tokens(request, quantile) - 1) * self.step_s
+
+    def is_late(self, request: Request, now: float) -> bool:
+        """Whether even an optimistic forecast misses the request's SLO."""
+        slo = request.slo
+        if slo.e2e_s:
+            return self.finish_at(request, now, self.optimism) > request.slo_start + slo.e2e_s
+        if request.first_token_time is None:
+            return bool(slo.ttft_s) and self.next_token_at(request, now) > request.slo_start + slo.ttft_s
+        if slo.tpot_s:      # streaming: can the mean gap still come in under the target by the end?
+            rest = self.remaining_tokens(request, self.optimism)
+            allowed = request.first_token_time + (request.num_output_tokens + rest - 1) * slo.tpot_s
+            return self.finish_at(request, now, self.optimism) > allowed
+        return False
+
+    # ----- order -----------------------------------------------------------------------------------------
+    def rank(self, request: Request, now: float) -> tuple:
+        """Order among requests of the same triage group (static while a request waits): earliest due first."""
+        return (self.due(request), request.arrival_time)
+
+    def key(self, request: Request, now: float) -> tuple:
+        return (1 if request in self.late else 0, *self.rank(request, now))
+
+    def plan(self, now: float, running: Sequence[Request], waiting: list[Request]) -> None:
+        self.estimate_step(running)
+        if self.triage:
+            self.triage_waiting(now, waiting)
+
+    def estimate_step(self, running: Sequence[Request]) -> None:
+        """The decode step time at the current batch (one more than running), re-estimated when it moves."""
+        batch = len(running) + 1
+        context = (sum(r.num_tokens for r in running) // len(running)) if running else self.DEFAULT_CONTEXT
+        shape = (batch, context // 64)
+        if shape != self._shape:
+            self._shape = shape
+            self.step_s = self.latency.decode_time(batch, context)
+
+    def triage_waiting(self, now: float, waiting: list[Request]) -> None:
+        """Move the head's newly late requests behind the feasible ones, keeping ``waiting`` sorted by key."""
+        moved: list[Request] = []
+        i = checked = 0
+        late = self.late
+        while i < len(waiting) and checked < self.window:
+            request = waiting[i]
+            if request in late:
+                break                                   # the late group starts here
+            checked += 1
+            if self.is_late(request, now):
+                late.add(request)
+                moved.append(waiting.pop(i))
+            else:
+                i += 1
+        for request in moved:
+            bisect.insort_right(waiting, request, key=lambda r: self.key(r, now))
+
+    # ----- preemption ------------------------------------------------------------------------------------
+    def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
+        """Out of memory: a late request first, else the one that ranks last."""
+        late = [r for r in candidates if r in self.late or self.is_late(r, now)]
+        return max(late or candidates, key=lambda r: self.key(r, now))
+
+    def victim_for_waiting(self, head: Request, running: Sequence[Request], fits: Callable[[Request], bool],
+                           now: float) -> Request | None:
+        """A feasible head that does not fit may take the place of a late running request, one preemption per
+        request at most (recompute is not free; bounded so nothing thrashes)."""
+        if not self.triage or head in self.late or fits(head):
+            return None
+        victims = [r for r in running if r.num_preemptions < self.max_preemptions
+                   and (r in self.late or self.is_late(r, now))]
+        if not victims:
+            return None
+        victim = max(victims, key=lambda r: self.key(r, now))
+        self.late.add(victim)
+        return victim
