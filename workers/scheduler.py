@@ -139,7 +139,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         now = self.clock.now()
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
         policy = self.policy
         if not policy.static_key:
             self.running.sort(key=lambda r: policy.key(r, now))
@@ -147,6 +146,8 @@ class Scheduler:
         policy.plan(now, self.running, self.waiting)
         max_seqs = self.config.max_num_seqs if policy.max_running is None else \
             max(1, min(policy.max_running, self.config.max_num_seqs))
+        budget = self.config.max_num_batched_tokens if policy.max_batched_tokens is None else \
+            max(1, min(policy.max_batched_tokens, self.config.max_num_batched_tokens))
 
         # 1. the policy may evict running requests in favour of a more important waiting one
         if self.waiting and self.running:

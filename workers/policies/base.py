@@ -25,6 +25,9 @@ class EnginePolicy:
 
     #: The most requests the batch may hold, below the scheduler's ``max_num_seqs``; None leaves that limit.
     max_running: int | None = None
+    #: Tokens a step may run, below the scheduler's ``max_num_batched_tokens`` (a smaller prefill chunk keeps
+    #: decode steps short); None leaves that limit.
+    max_batched_tokens: int | None = None
 
     def plan(self, now: float, running: Sequence[Request], waiting: list[Request]) -> None:
         """Called once at the start of every step, before anything is scheduled. A policy whose order depends

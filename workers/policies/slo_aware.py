@@ -30,7 +30,8 @@ class SloAwarePolicy(EnginePolicy):
     DEFAULT_CONTEXT = 512
 
     def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 32,
-                 max_preemptions: int = 1) -> None:
+                 max_preemptions: int = 1, step_target_s: float = 0.0, late_slots: int = 1 << 30,
+                 prefill_chunk: int = 512) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
         self.latency = latency
@@ -38,6 +39,10 @@ class SloAwarePolicy(EnginePolicy):
         self.optimism = optimism
         self.window = window                   # waiting requests re-checked per step
         self.max_preemptions = max_preemptions  # a request is preempted for triage at most this often
+        self.step_target_s = step_target_s      # > 0: cap the batch where a decode step would take longer
+        self.prefill_chunk = prefill_chunk      # > 0: prefill tokens a step may add to its decodes
+        self.late_slots = late_slots            # late requests the batch may hold at once
+        self._late_running = 0
         self.late: WeakSet[Request] = WeakSet()
         self._shape = (0, 0)
         self.step_s = latency.decode_time(1, self.DEFAULT_CONTEXT)
@@ -91,6 +96,10 @@ class SloAwarePolicy(EnginePolicy):
 
     def plan(self, now: float, running: Sequence[Request], waiting: list[Request]) -> None:
         self.estimate_step(running)
+        if self.prefill_chunk > 0:
+            self.max_batched_tokens = len(running) + self.prefill_chunk
+        late = self.late
+        self._late_running = sum(1 for r in running if r in late) if late else 0
         if self.triage:
             self.triage_waiting(now, waiting)
 
@@ -102,6 +111,19 @@ class SloAwarePolicy(EnginePolicy):
         if shape != self._shape:
             self._shape = shape
             self.step_s = self.latency.decode_time(batch, context)
+            if self.step_target_s > 0:
+                self.max_running = self.batch_cap(context, self.step_target_s)
+
+    def batch_cap(self, context: int, step_s: float) -> int:
+        """The largest batch whose decode step at ``context`` tokens stays within ``step_s`` (at least 1)."""
+        lo, hi = 1, 1024
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.latency.decode_time(mid, context) <= step_s:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def triage_waiting(self, now: float, waiting: list[Request]) -> None:
         """Move the head's newly late requests behind the feasible ones, keeping ``waiting`` sorted by key."""
@@ -120,6 +142,15 @@ class SloAwarePolicy(EnginePolicy):
                 i += 1
         for request in moved:
             bisect.insort_right(waiting, request, key=lambda r: self.key(r, now))
+
+    def admit(self, request: Request, now: float, running: Sequence[Request]) -> bool:
+        """A late request joins only while fewer than ``late_slots`` late ones run."""
+        if request not in self.late:
+            return True
+        if self._late_running >= self.late_slots:
+            return False
+        self._late_running += 1
+        return True
 
     # ----- preemption ------------------------------------------------------------------------------------
     def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
