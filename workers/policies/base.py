@@ -76,6 +76,10 @@ def make_policy(name: str, *, true_lengths: object = None, latency: object = Non
                 ) -> EnginePolicy:
     """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them,
     and ``latency`` (the worker's step-time model) to one that plans by it."""
+    if options.pop("clairvoyant", False):      # a policy's clairvoyant twin: the named path to true lengths
+        if true_lengths is None:
+            raise ValueError(f"engine policy {name!r}: clairvoyant needs replayed true lengths")
+        options["true_lengths"] = true_lengths
     return _POLICIES.make(name, {"true_lengths": true_lengths, "latency": latency},
                           {"true_lengths": "it is a clairvoyant reference and needs replayed true lengths",
                            "latency": "it plans by the worker's step times"}, **options)

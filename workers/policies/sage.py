@@ -60,7 +60,7 @@ class SagePolicy(SloAwarePolicy):
         cached = self._index.get(request)
         if cached is not None and cached[0] == bucket(produced):
             return cached[1]
-        value = gittins_index(request.length_distribution.remaining(produced), request.num_prompt_tokens, produced)
+        value = gittins_index(self.distribution(request).remaining(produced), request.num_prompt_tokens, produced)
         self._index[request] = (bucket(produced), value)
         return value
 

@@ -11,6 +11,10 @@ there is room, finish, and count as missed, but no longer take the batch from th
 Keys are static between steps (the scheduler keeps its queues sorted by insertion); ``plan`` re-checks the
 head of the waiting queue every step and moves any request that became late behind the feasible ones. A
 policy adds only its ``rank`` among feasible requests (and among late ones).
+
+Every SLO-aware policy has a clairvoyant twin for benchmarks: the engine option ``clairvoyant: true`` hands it
+the executor's replayed true lengths (the named path), so it plans by the true length instead of the predicted
+distribution; comparing the two prices the predictor's error for that policy.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import bisect
 from typing import Callable, Sequence
 from weakref import WeakSet
 
+from services.length_distribution import LengthDistribution
 from workers.policies.base import EnginePolicy
 from workers.request import Request
 from workers.step_estimate import StepTimes
+from workers.true_lengths import TrueLengths
 
 
 class SloAwarePolicy(EnginePolicy):
@@ -31,10 +37,11 @@ class SloAwarePolicy(EnginePolicy):
 
     def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 32,
                  max_preemptions: int = 1, step_target_s: float = 0.0, late_slots: int = 1 << 30,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, true_lengths: TrueLengths | None = None) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
         self.latency = latency
+        self.true_lengths = true_lengths        # set only for a clairvoyant twin (engine option clairvoyant: true)
         self.triage = triage
         self.optimism = optimism
         self.window = window                   # waiting requests re-checked per step
@@ -60,10 +67,19 @@ class SloAwarePolicy(EnginePolicy):
             return request.first_token_time + request.num_output_tokens * slo.tpot_s
         return float("inf")
 
+    def distribution(self, request: Request) -> LengthDistribution:
+        """The output-length distribution the policy plans by: the predicted one, or for a clairvoyant twin the
+        replayed true length."""
+        if self.true_lengths is not None:
+            true = self.true_lengths.get(request.request_id)
+            if true:
+                return LengthDistribution.point(true)
+        return request.length_distribution
+
     def remaining_tokens(self, request: Request, quantile: float = 0.5) -> float:
-        """Output tokens still to come at ``quantile`` of the predicted distribution, given those produced."""
+        """Output tokens still to come at ``quantile`` of the distribution, given those produced."""
         left = request.sampling.max_tokens - request.num_output_tokens
-        return max(1.0, min(left, request.length_distribution.remaining(request.num_output_tokens).quantile(quantile)))
+        return max(1.0, min(left, self.distribution(request).remaining(request.num_output_tokens).quantile(quantile)))
 
     def next_token_at(self, request: Request, now: float) -> float:
         """The earliest the request's next token could come: its pending prefill (or recompute), then a step."""
