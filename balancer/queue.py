@@ -18,6 +18,10 @@ from balancer.estimate import kv_tokens_needed, work_seconds
 from balancer.registry import Assignment, Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing.base import RoutingPolicy
+from services.engine_traits import TRIAGING_ENGINE_POLICIES
+
+
+QUEUE_ORDERS = ("fair", "slack")
 
 
 class QueueFull(Exception):
@@ -34,11 +38,20 @@ class Waiter:
 
 
 class GlobalQueue:
-    def __init__(self, limit: int, shed_at: float = 0.5) -> None:
+    def __init__(self, limit: int, shed_at: float = 0.5, order: str = "fair",
+                 clock: Callable[[], float] | None = None) -> None:
+        """``order``: "fair" (priority, then the tenant's VTC, then deadline) or "slack" (priority, then requests
+        whose SLO deadline has passed behind those that can still make it, then deadline; needs ``clock``)."""
         if limit <= 0:
             raise ValueError("queue limit must be positive")
+        if order not in QUEUE_ORDERS:
+            raise ValueError(f"queue order must be one of {', '.join(QUEUE_ORDERS)}, got {order!r}")
+        if order == "slack" and clock is None:
+            raise ValueError("a slack-ordered queue needs the balancer's clock")
         self.limit = limit
         self.shed_at = shed_at
+        self.order = order
+        self.clock = clock
         self.waiters: list[Waiter] = []
         self.vtc: dict[str, float] = {}
         self._seq = itertools.count()
@@ -48,6 +61,8 @@ class GlobalQueue:
         return len(self.waiters)
 
     def key(self, w: Waiter) -> tuple:
+        if self.order == "slack":
+            return (-w.request.priority, 1 if w.deadline < self.clock() else 0, w.deadline, w.seq)  # type: ignore[misc]
         return (-w.request.priority, self.vtc.get(w.request.tenant, 0.0), w.deadline, w.seq)
 
     def ordered(self) -> list[Waiter]:
@@ -111,11 +126,14 @@ def admit(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: Rout
           future: asyncio.Future | None = None) -> Admission:
     """The balancer's one decision for a new request, live and simulated: bind it now, queue it, or shed it.
 
-    A baseline (no late binding) binds at once to any candidate. Otherwise it binds only where a worker has room
-    and nobody is queued ahead of it; else it waits in the queue (raises ``QueueFull`` when shed).
+    A baseline (no late binding) binds at once to any candidate, and so does every policy in front of engines
+    that triage (an SLO-aware engine policy): a queue here would hide the backlog from the engines that can
+    order it by deadline and put the lost causes last (measured: ``bench/results_doc.py``). Otherwise it binds
+    only where a worker has room and nobody is queued ahead of it; else it waits in the queue (raises
+    ``QueueFull`` when shed).
     """
-    if not policy.late_binding:
-        roomy = list(candidates)
+    if not holds_queue(policy, candidates):
+        roomy = list(candidates)        # bind at once: a baseline's way, or engines that triage their own queue
     elif queue.waiters:
         roomy = []
     else:
@@ -125,6 +143,14 @@ def admit(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: Rout
         return Admission(worker=bind(policy, registry, queue, r, roomy))
     waiter, evicted = queue.push(r, exclude, now + queue_deadline_s(r), future)
     return Admission(waiter=waiter, evicted=evicted)
+
+
+def holds_queue(policy: RoutingPolicy, candidates: Sequence[WorkerState]) -> bool:
+    """Whether requests wait at the balancer for room: a late-binding policy's way, unless the engines triage
+    (then only when the cluster file asks for it, ``routing: {options: {late_binding: true}}``)."""
+    if not policy.late_binding:
+        return False
+    return policy.binding_set or not any(w.engine_policy in TRIAGING_ENGINE_POLICIES for w in candidates)
 
 
 def report_interval(policy: RoutingPolicy, configured_s: float) -> float:

@@ -40,7 +40,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         self.clock = clock
         self.registry = Registry(clock, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy, **cfg.routing_options)
-        self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at)
+        self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at, cfg.queue_order, clock)
         self._background: set[asyncio.Task] = set()
 
     async def reap(self) -> None:

@@ -92,7 +92,7 @@ class Simulator:
         configured = cluster.report_interval_s if report_interval_s is None else report_interval_s
         self.report_interval_s = report_interval(self.policy, configured) if configured > 0 else 0.0
         self.registry = Registry(self.clock.now, timeout_s=float("inf"))
-        self.queue = GlobalQueue(cluster.queue_limit, cluster.shed_at)
+        self.queue = GlobalQueue(cluster.queue_limit, cluster.shed_at, cluster.queue_order, self.clock.now)
         self.predictor = LengthPredictor()
         self.classes = slo_classes or cluster.slo_classes or DEFAULT_SLO_CLASSES
         self.bin_s = bin_s

@@ -56,6 +56,7 @@ class ClusterSpec(BaseModel):
     report_interval_s: float = Field(0.2, gt=0, description="how often workers report load to the balancer")
     queue_limit: int = Field(512, gt=0)
     shed_at: float = Field(0.5, ge=0, le=1)
+    queue_order: Literal["fair", "slack"] = "fair"
     slo_classes: dict[str, SloClass] | None = None
     workers: list[WorkerSpec] = Field(min_length=1)
 

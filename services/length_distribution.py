@@ -53,20 +53,21 @@ class LengthDistribution:
 
     def cdf(self, x: float) -> float:
         xs, ps = self.xs, self.ps
-        if x <= xs[0]:
+        if x < xs[0]:
             return 0.0
-        for i in range(1, len(xs)):
-            if x <= xs[i]:
-                width = xs[i] - xs[i - 1]
-                return ps[i] if width <= 0 else ps[i - 1] + (ps[i] - ps[i - 1]) * (x - xs[i - 1]) / width
-        return 1.0
+        for i in range(len(xs) - 1, -1, -1):          # the last knot at or below x (knots may repeat)
+            if xs[i] <= x:
+                if i == len(xs) - 1:
+                    return 1.0
+                return ps[i] + (ps[i + 1] - ps[i]) * (x - xs[i]) / (xs[i + 1] - xs[i])
+        return 0.0
 
     def quantile(self, p: float) -> float:
         xs, ps = self.xs, self.ps
         for i in range(1, len(xs)):
             if p <= ps[i]:
                 span = ps[i] - ps[i - 1]
-                return xs[i] if span <= 0 else xs[i - 1] + (xs[i] - xs[i - 1]) * (p - ps[i - 1]) / span
+                return xs[i] if span <= 0 else min(xs[i], xs[i - 1] + (xs[i] - xs[i - 1]) * (p - ps[i - 1]) / span)
         return xs[-1]
 
     def mean(self) -> float:

@@ -36,6 +36,8 @@ class BalancerSettings(ServiceSettings):
     profiler_address: str = ""
     queue_limit: int = Field(512, gt=0, description="requests that may wait at the balancer for a worker")
     shed_at: float = Field(0.5, ge=0, le=1, description="queue share above which sheddable requests are refused")
+    queue_order: Literal["fair", "slack"] = Field("fair", description="fair: priority, tenant VTC, deadline; slack: "
+                                                  "priority, then lost causes behind those that can make it")
 
 
 class WorkerSettings(ServiceSettings):

@@ -81,6 +81,7 @@ class LocalStack:
                                       "--report-interval-s", str(self.cluster.report_interval_s),
                                       "--queue-limit", str(self.cluster.queue_limit),
                                       "--shed-at", str(self.cluster.shed_at),
+                                      "--queue-order", self.cluster.queue_order,
                                       "--profiler-address", self.profiler_address], deadline)
             for spec in self.cluster.workers:
                 self.start_worker(spec, wait=False)

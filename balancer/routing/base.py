@@ -22,6 +22,8 @@ class RoutingPolicy:
     #: Bind a request only to a worker with room, waiting in the balancer's queue otherwise. Baselines route
     #: at once to any live worker and let requests queue there, as a plain load balancer in front of vLLM does.
     late_binding: ClassVar[bool] = True
+    #: True when the cluster file set ``late_binding`` for this policy, so the balancer keeps it as given.
+    binding_set: bool = False
     #: What the host must supply to the constructor, by name: "seed" (an int for a seeded generator). Options
     #: from a cluster file (``routing: {name: prefix_affinity, slack: 2}``) are passed as keyword arguments too.
     needs: ClassVar[frozenset[str]] = frozenset()
@@ -58,5 +60,6 @@ def make_policy(name: str, *, seed: int = 0, late_binding: bool | None = None, *
     them at once and lets the engines order and triage them."""
     policy = _POLICIES.make(name, {"seed": seed}, **options)
     if late_binding is not None:
-        policy.late_binding = bool(late_binding)
+        policy.late_binding = bool(late_binding)  # type: ignore[misc]
+        policy.binding_set = True
     return policy

@@ -1,0 +1,8 @@
+"""What the balancer must know about the workers' engine policies without importing them (it sits beside the
+workers, not above them). A test checks these names against the engine policy classes."""
+
+from __future__ import annotations
+
+#: Engine policies that order their own queue by SLO and triage it (``workers.policies.slo_aware``): the
+#: balancer binds requests to them at once rather than holding a queue of its own in front of them.
+TRIAGING_ENGINE_POLICIES = frozenset({"edf", "sage", "sa_slo", "larry", "slob"})
