@@ -6,8 +6,11 @@ worker is priced from its reported step time, which is coarser but never blocks 
 
 from __future__ import annotations
 
+import math
+
 from balancer.registry import WorkerState
 from balancer.route_context import RouteContext
+from services.engine_traits import PREFILL_CHUNK, TRIAGING_ENGINE_POLICIES
 
 FALLBACK_STEP_S = 0.03
 
@@ -26,7 +29,8 @@ def work_seconds(w: WorkerState, r: RouteContext) -> float:
 
 
 def expected_times(w: WorkerState, r: RouteContext) -> tuple[float, float]:
-    """(TTFT, E2E) in seconds if ``r`` went to ``w`` now: queued prefill first, then decode at its batch size."""
+    """(TTFT, E2E) in seconds if ``r`` went to ``w`` now, under that worker's engine policy: the prefill queued
+    ahead of it first, then decode at its batch size."""
     out = output_tokens(r)
     batch = min(max(1, w.max_num_seqs), max(w.running + w.waiting, w.outstanding) + 1)
     if w.latency is None:
@@ -37,7 +41,14 @@ def expected_times(w: WorkerState, r: RouteContext) -> tuple[float, float]:
     queued = w.pending_prefill_tokens + w.routed_since_report
     context = w.decode_context_tokens / w.running if w.running else r.prompt_tokens
     step = lm.decode_time(batch, int(context + out / 2))
-    ttft = lm.prefill_time(queued + max(1, r.prompt_tokens)) + step
+    if w.engine_policy in TRIAGING_ENGINE_POLICIES:
+        # an engine that orders by deadline serves about half its backlog before a new request, and prefills in
+        # chunks of PREFILL_CHUNK tokens beside its decodes, one chunk a step
+        tokens = queued / 2 + max(1, r.prompt_tokens)
+        chunk_step = step + lm.prefill_time(PREFILL_CHUNK) - lm.prefill_time(1)
+        ttft = math.ceil(tokens / PREFILL_CHUNK) * chunk_step + step
+    else:
+        ttft = lm.prefill_time(queued + max(1, r.prompt_tokens)) + step
     return ttft, ttft + max(0.0, out - 1) * step
 
 

@@ -34,8 +34,20 @@ def default_cluster_path() -> Path:
 
 
 def split(pair: str) -> tuple[str, str]:
+    """"route/engine" (engine fcfs when left out); an engine may carry ``:clairvoyant``, see ``engine_options``."""
     route, _, engine = pair.partition("/")
-    return route, engine or "fcfs"
+    return route, (engine or "fcfs").partition(":")[0]
+
+
+def engine_options(pair: str) -> dict[str, object] | None:
+    """``route/sage:clairvoyant`` is sage's clairvoyant twin (true lengths through the named option); None
+    keeps the cluster file's options."""
+    flag = pair.partition("/")[2].partition(":")[2]
+    if not flag:
+        return None
+    if flag != "clairvoyant":
+        raise ValueError(f"{pair!r}: the only engine flag is ':clairvoyant'")
+    return {"clairvoyant": True}
 
 
 def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str, report_interval_s: float | None = None) -> dict:
@@ -44,7 +56,8 @@ def simulate_once(cluster: ClusterSpec, scenario: Scenario, pair: str, report_in
     window = min(model_spec(w.model).max_model_len for w in cluster.workers)
     items = build_workload(scenario, window)
     started = time.perf_counter()
-    result = Simulator(cluster, route, engine, seed=scenario.seed, report_interval_s=report_interval_s).run(items)
+    result = Simulator(cluster, route, engine, seed=scenario.seed, report_interval_s=report_interval_s,
+                       engine_options=engine_options(pair)).run(items)
     return {"policy": pair, "requests": len(items), "wall_s": time.perf_counter() - started,
             "sim_duration_s": result.duration_s, "summary": summarize(result.records, result.duration_s),
             "utilization": result.utilization, "bin_s": result.bin_s, "shed": result.shed,

@@ -72,7 +72,8 @@ class Simulator:
                  slo_classes: dict[str, SloClass] | None = None, seed: int = 0, bin_s: float = 10.0,
                  latency: dict[str, object] | None = None, request_overhead_s: float = 0.0,
                  step_overhead_s: float = 0.0, step_overhead_per_seq_s: float = 0.0,
-                 report_interval_s: float | None = None, delivery_per_seq_s: float = 0.0) -> None:
+                 report_interval_s: float | None = None, delivery_per_seq_s: float = 0.0,
+                 engine_options: dict[str, object] | None = None) -> None:
         """``latency`` gives a worker (by id) a latency model other than its datasheet one: a calibrated
         profile, or a ``ProfiledLatency`` for a checkpoint outside the catalog. ``request_overhead_s`` (the
         gateway, routing and tokenizing before the engine sees a request) and ``step_overhead_s`` plus
@@ -82,12 +83,14 @@ class Simulator:
         ``delivery_per_seq_s``: a step's tokens reach their clients one stream after another (the worker writes
         them and the gateway relays them one at a time), each this much after the one before it, in the step's
         order; only the clients' token times move, no decision waits for delivery (nor does a live engine's).
-        0, the default, delivers a step's tokens all at its end."""
+        0, the default, delivers a step's tokens all at its end. ``engine_options`` replace the cluster file's
+        (a benchmark's clairvoyant twin)."""
         self.clock = VirtualClock()
         self.routing = routing or cluster.routing_policy
         self.engine_policy = engine or cluster.engine_policy
         routing_options = cluster.routing_options if self.routing == cluster.routing_policy else {}
-        engine_options = cluster.engine_options if self.engine_policy == cluster.engine_policy else {}
+        if engine_options is None:
+            engine_options = cluster.engine_options if self.engine_policy == cluster.engine_policy else {}
         self.policy = make_routing(self.routing, seed=seed, **routing_options)
         configured = cluster.report_interval_s if report_interval_s is None else report_interval_s
         self.report_interval_s = report_interval(self.policy, configured) if configured > 0 else 0.0

@@ -6,3 +6,7 @@ from __future__ import annotations
 #: Engine policies that order their own queue by SLO and triage it (``workers.policies.slo_aware``): the
 #: balancer binds requests to them at once rather than holding a queue of its own in front of them.
 TRIAGING_ENGINE_POLICIES = frozenset({"edf", "sage", "sa_slo", "larry", "slob"})
+
+#: Prefill tokens such an engine adds to a step beside its decodes, by default (``SloAwarePolicy.prefill_chunk``):
+#: small chunks keep every decode step short enough for TPOT targets while prompts stream in.
+PREFILL_CHUNK = 512

@@ -413,6 +413,18 @@ def bench_goodput(cluster: Optional[Path] = typer.Option(None), scenario: Option
     run_goodput(cluster, scenario, policy or DEFAULT_POLICIES, out, console)
 
 
+@bench_app.command("slo")
+def bench_slo(scenario: Optional[Path] = typer.Option(None, help="scenario file; default: multi-SLO Azure mix "
+                                                                   "(bench/data/sharegpt_poisson.yaml is the second)"),
+              cluster: Optional[Path] = typer.Option(None, help="cluster file; default: 12 mixed GPUs"),
+              out: Path = typer.Option(Path("bench/results/slo.json"))) -> None:
+    """The SLO-aware pairs against llm-d, round robin, rtc and orca: attainment, satisfaction, goodput, E2E,
+    clairvoyant twins and preemptions, each figure checked against its target."""
+    from bench.slo_showdown import run
+
+    run(scenario, cluster, out, console)
+
+
 @bench_app.command("schedule")
 def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
     """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""

@@ -23,10 +23,12 @@ from services.cluster import ClusterSpec, WorkerSpec
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN_NAMES = {"replay_truth", "true_lengths", "TrueLengths", "true_output_len", "ReplayTruth"}
 # where the true length may be named: the benchmark side (bench/, the client that knows the trace), the
-# pass-through of the request, the executor's stop rule, and the one clairvoyant reference
+# pass-through of the request, the executor's stop rule, the one clairvoyant reference, and the SLO-aware
+# policies' clairvoyant twins (only through the engine option ``clairvoyant``)
 ALLOWED = {"gateway/service.py", "workers/service.py", "workers/engine.py",
            "workers/build.py", "workers/true_lengths.py", "workers/executors/base.py", "workers/executors/sim.py",
-           "workers/executors/torch_executor.py", "workers/policies/oracle.py", "workers/policies/base.py"}
+           "workers/executors/torch_executor.py", "workers/policies/oracle.py", "workers/policies/base.py",
+           "workers/policies/slo_aware.py"}
 
 
 def test_only_the_stop_rule_and_the_named_clairvoyant_path_mention_true_lengths():

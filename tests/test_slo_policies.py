@@ -181,6 +181,7 @@ def test_clairvoyant_twin_plans_by_the_true_length():
     truths.set("r", 1500)
     assert policy.distribution(r).quantile(0.5) == pytest.approx(1500, abs=1)
     assert make_policy("sage", latency=FlatLatency()).distribution(r).quantile(0.5) == pytest.approx(10)
+    assert make_policy("sage", latency=FlatLatency(), true_lengths=truths).true_lengths is None   # not asked for
     with pytest.raises(ValueError, match="clairvoyant needs replayed true lengths"):
         make_policy("sage", latency=FlatLatency(), clairvoyant=True)
     del clock

@@ -58,5 +58,5 @@ def assemble_engine(executor: Executor, num_blocks: int, block_size: int, max_nu
     observed = ObservedLatency() if latency is None else None
     scheduler = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, executor.max_model_len), blocks,
                           make_policy(policy, true_lengths=executor.true_lengths, latency=latency or observed,
-                                      **policy_options), clock)
+                                      kv_tokens=num_blocks * block_size, **policy_options), clock)
     return Engine(scheduler, executor, clock, step_observer=observed, **engine_kw)

@@ -181,7 +181,7 @@ class Scheduler:
                 i += 1
 
         # 3. admit waiting requests while budget, sequence slots and blocks above the watermark last
-        if not memory_pressure and self.waiting and policy.admission_open(now, running):
+        if not memory_pressure and self.waiting and len(running) < max_seqs and policy.admission_open(now, running):
             started = list(running)
             admitted: list[Request] = []
             for request in self.waiting:

@@ -72,14 +72,16 @@ def policy_names() -> list[str]:
     return _POLICIES.names()
 
 
-def make_policy(name: str, *, true_lengths: object = None, latency: object = None, **options: object
-                ) -> EnginePolicy:
+def make_policy(name: str, *, true_lengths: object = None, latency: object = None, kv_tokens: int | None = None,
+                **options: object) -> EnginePolicy:
     """The policy called ``name`` with its options; true lengths go only to a policy that declares it needs them,
-    and ``latency`` (the worker's step-time model) to one that plans by it."""
+    ``latency`` (the worker's step-time model) to one that plans by it, and ``kv_tokens`` (the engine's KV
+    capacity in tokens, num_blocks * block_size) to one that budgets memory."""
     if options.pop("clairvoyant", False):      # a policy's clairvoyant twin: the named path to true lengths
         if true_lengths is None:
             raise ValueError(f"engine policy {name!r}: clairvoyant needs replayed true lengths")
         options["true_lengths"] = true_lengths
-    return _POLICIES.make(name, {"true_lengths": true_lengths, "latency": latency},
+    return _POLICIES.make(name, {"true_lengths": true_lengths, "latency": latency, "kv_tokens": kv_tokens},
                           {"true_lengths": "it is a clairvoyant reference and needs replayed true lengths",
-                           "latency": "it plans by the worker's step times"}, **options)
+                           "latency": "it plans by the worker's step times",
+                           "kv_tokens": "it budgets KV memory and needs the engine's capacity in tokens"}, **options)

@@ -39,7 +39,6 @@ class SaSloPolicy(SloAwarePolicy):
         self.temperature = temperature
         self.rng = random.Random(seed)
         self._pos: WeakKeyDictionary[Request, int] = WeakKeyDictionary()   # annealed position, ahead of the rest
-        self._steps = 0
         self._waiting_seen = 0
         self.searches = 0
 
@@ -48,8 +47,7 @@ class SaSloPolicy(SloAwarePolicy):
         return (0, pos, 0.0) if pos is not None else (1, self.due(request), request.arrival_time)
 
     def plan(self, now: float, running: Sequence[Request], waiting: list[Request]) -> None:
-        super().plan(now, running, waiting)
-        self._steps += 1
+        super().plan(now, running, waiting)           # counts the step in self._steps
         arrived = len(waiting) > self._waiting_seen
         self._waiting_seen = len(waiting)
         if waiting and (arrived or self._steps % self.every_steps == 0):
@@ -69,7 +67,7 @@ class SaSloPolicy(SloAwarePolicy):
         start = sorted(head, key=lambda r: (self._pos.get(r, 1 << 30), self.due(r), r.arrival_time))
         # warm start from the previous cap, never below the batch already running (the cap limits growth)
         floor = max(1, len(running))
-        cap = max(self.max_running or (len(running) + len(head)), floor)
+        cap = max(self.max_running or 0, len(running) + len(head))
         forecast = self._forecaster(now, running, head)
         order, best_cap = start, cap
         value = best = forecast(order, cap)
@@ -91,7 +89,8 @@ class SaSloPolicy(SloAwarePolicy):
                 if v > best:
                     order, best_cap, best = candidate, candidate_cap, v
         self._pos = WeakKeyDictionary({r: i for i, r in enumerate(order)})
-        self.max_running = best_cap
+        # a cap the search did not lower leaves the batch free to grow past the window it looked at
+        self.max_running = best_cap if best_cap < len(running) + len(head) else None
         waiting[:len(head)] = order
 
     def _forecaster(self, now: float, running: Sequence[Request], head: Sequence[Request]):

@@ -70,8 +70,8 @@ class SagePolicy(SloAwarePolicy):
     def victim_for_waiting(self, head: Request, running: Sequence[Request], fits: Callable[[Request], bool],
                            now: float) -> Request | None:
         victim = super().victim_for_waiting(head, running, fits, now)
-        if victim is not None or head in self.late or fits(head):
-            return victim
+        if victim is not None or head in self.late or self._steps % self.recheck_steps or fits(head):
+            return victim                   # (the index comparison scans the batch: every few steps only)
         movable = [r for r in running if r.num_preemptions < self.max_preemptions]
         if not movable:
             return None

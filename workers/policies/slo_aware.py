@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import bisect
 from typing import Callable, Sequence
-from weakref import WeakSet
+from weakref import WeakKeyDictionary, WeakSet
 
+from services.engine_traits import PREFILL_CHUNK
 from services.length_distribution import LengthDistribution
 from workers.policies.base import EnginePolicy
 from workers.request import Request
@@ -35,9 +36,9 @@ class SloAwarePolicy(EnginePolicy):
     #: a context length typical of a decoding request, for the step-time estimate before the batch says
     DEFAULT_CONTEXT = 512
 
-    def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 32,
+    def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 8,
                  max_preemptions: int = 1, step_target_s: float = 0.0, late_slots: int = 1 << 30,
-                 prefill_chunk: int = 512, true_lengths: TrueLengths | None = None) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
         self.latency = latency
@@ -49,7 +50,11 @@ class SloAwarePolicy(EnginePolicy):
         self.step_target_s = step_target_s      # > 0: cap the batch where a decode step would take longer
         self.prefill_chunk = prefill_chunk      # > 0: prefill tokens a step may add to its decodes
         self.late_slots = late_slots            # late requests the batch may hold at once
-        self._late_running = 0
+        self._late_running: int | None = None
+        self._running: Sequence[Request] = ()
+        self._steps = 0
+        self.recheck_steps = 16
+        self._optimistic: WeakKeyDictionary[Request, tuple[int, float]] = WeakKeyDictionary()
         self.late: WeakSet[Request] = WeakSet()
         self._shape = (0, 0)
         self.step_s = latency.decode_time(1, self.DEFAULT_CONTEXT)
@@ -89,17 +94,26 @@ class SloAwarePolicy(EnginePolicy):
     def finish_at(self, request: Request, now: float, quantile: float = 0.5) -> float:
         return self.next_token_at(request, now) + (self.remaining_tokens(request, quantile) - 1) * self.step_s
 
+    def optimistic_tokens(self, request: Request) -> float:
+        """``remaining_tokens`` at the ``optimism`` quantile, cached while the request produces nothing new."""
+        produced = request.num_output_tokens
+        cached = self._optimistic.get(request)
+        if cached is None or cached[0] != produced:
+            cached = self._optimistic[request] = (produced, self.remaining_tokens(request, self.optimism))
+        return cached[1]
+
     def is_late(self, request: Request, now: float) -> bool:
         """Whether even an optimistic forecast misses the request's SLO."""
         slo = request.slo
         if slo.e2e_s:
-            return self.finish_at(request, now, self.optimism) > request.slo_start + slo.e2e_s
+            finish = self.next_token_at(request, now) + (self.optimistic_tokens(request) - 1) * self.step_s
+            return finish > request.slo_start + slo.e2e_s
         if request.first_token_time is None:
             return bool(slo.ttft_s) and self.next_token_at(request, now) > request.slo_start + slo.ttft_s
         if slo.tpot_s:      # streaming: can the mean gap still come in under the target by the end?
-            rest = self.remaining_tokens(request, self.optimism)
+            rest = self.optimistic_tokens(request)
             allowed = request.first_token_time + (request.num_output_tokens + rest - 1) * slo.tpot_s
-            return self.finish_at(request, now, self.optimism) > allowed
+            return self.next_token_at(request, now) + (rest - 1) * self.step_s > allowed
         return False
 
     # ----- order -----------------------------------------------------------------------------------------
@@ -114,8 +128,12 @@ class SloAwarePolicy(EnginePolicy):
         self.estimate_step(running)
         if self.prefill_chunk > 0:
             self.max_batched_tokens = len(running) + self.prefill_chunk
-        late = self.late
-        self._late_running = sum(1 for r in running if r in late) if late else 0
+        self._late_running = None               # counted when something may join (admit), not every step
+        self._running = running
+        self._steps += 1
+        if self.triage and self._steps % self.recheck_steps == 0:
+            # running requests that fell behind, flagged every few steps (their forecast moves slowly)
+            self.late.update([r for r in running if r not in self.late and self.is_late(r, now)])
         if self.triage:
             self.triage_waiting(now, waiting)
 
@@ -163,6 +181,8 @@ class SloAwarePolicy(EnginePolicy):
         """A late request joins only while fewer than ``late_slots`` late ones run."""
         if request not in self.late:
             return True
+        if self._late_running is None:
+            self._late_running = sum(1 for r in self._running if r in self.late)
         if self._late_running >= self.late_slots:
             return False
         self._late_running += 1
@@ -171,7 +191,7 @@ class SloAwarePolicy(EnginePolicy):
     # ----- preemption ------------------------------------------------------------------------------------
     def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
         """Out of memory: a late request first, else the one that ranks last."""
-        late = [r for r in candidates if r in self.late or self.is_late(r, now)]
+        late = [r for r in candidates if r in self.late]
         return max(late or candidates, key=lambda r: self.key(r, now))
 
     def victim_for_waiting(self, head: Request, running: Sequence[Request], fits: Callable[[Request], bool],
@@ -180,10 +200,8 @@ class SloAwarePolicy(EnginePolicy):
         request at most (recompute is not free; bounded so nothing thrashes)."""
         if not self.triage or head in self.late or fits(head):
             return None
-        victims = [r for r in running if r.num_preemptions < self.max_preemptions
-                   and (r in self.late or self.is_late(r, now))]
+        late = self.late
+        victims = [r for r in running if r in late and r.num_preemptions < self.max_preemptions]
         if not victims:
             return None
-        victim = max(victims, key=lambda r: self.key(r, now))
-        self.late.add(victim)
-        return victim
+        return max(victims, key=lambda r: self.key(r, now))
