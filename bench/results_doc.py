@@ -9,6 +9,7 @@ says plainly where Tandem's default loses to them.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -27,6 +28,36 @@ PEER = "llmd/fcfs"
 
 def _pct(v: float) -> str:
     return f"{v:.1%}"
+
+
+SHOWDOWNS = (("the default multi-SLO scenario", Path("bench/results/slo.json")),
+             ("ShareGPT lengths with Poisson arrivals (`bench/data/sharegpt_poisson.yaml`)",
+              Path("bench/results/slo_sharegpt.json")))
+
+
+def showdown_sections() -> list[str]:
+    """The SLO-aware pairs' figures, from the JSON ``tandem bench slo`` wrote (a longer run of its own)."""
+    lines = ["## The SLO-aware pairs against the peers (`tandem bench slo`)", "",
+             "Each SLO-aware engine policy behind Tandem's routing, its clairvoyant twin (the same policy given true "
+             "lengths through the engine option `clairvoyant`), the peers, and every figure checked against its "
+             "target. Hidden lengths and stale reports throughout."]
+    for title, path in SHOWDOWNS:
+        if not path.exists():
+            lines += ["", f"*{title}: not measured yet (`{path}` is missing).*"]
+            continue
+        data = json.loads(path.read_text())
+        lines += ["", f"### {title}", "", "| pair | SLO x1 | SLO x2 | SLO x4 | satisfaction x4 | preemptions / request x2 "
+                  "| goodput |", "|---|---:|---:|---:|---:|---:|---:|"]
+        for pair, row in data["grid"].items():
+            good = data["goodput"].get(pair)
+            name = f"**{pair}** (best)" if pair == data["best"] else pair
+            lines.append(f"| {name} | " + " | ".join(_pct(row[s]["attainment"]) for s in ("1.0", "2.0", "4.0"))
+                         + f" | {row['4.0']['satisfaction']:.3f} | {row['2.0']['preemptions_per_request']:.3f} | "
+                         + (f"x{good:.2f}" if good is not None else "") + " |")
+        lines += ["", "| figure | target | measured | |", "|---|---|---|---|"]
+        lines += [f"| {c['figure']} | {c['target']} | {c['measured']} | {'met' if c['met'] else '**missed**'} |"
+                  for c in data["checks"]]
+    return lines
 
 
 def generate(out: Path = Path("docs"), console: Console | None = None) -> Path:
@@ -118,7 +149,11 @@ def generate(out: Path = Path("docs"), console: Console | None = None) -> Path:
         "![SLO attainment vs load](img/attainment_multi_slo.png)", "",
         "![TTFT CDF](img/ttft_cdf_multi_slo.png)", "",
         "![utilisation](img/utilization_multi_slo.png)", "",
-        "## Reproduce", "", "```bash", "scripts/dev setup", ".venv/bin/tandem bench results", "```", "",
+        *showdown_sections(), "",
+        "## Reproduce", "", "```bash", "scripts/dev setup", ".venv/bin/tandem bench results",
+        ".venv/bin/tandem bench slo                                              # writes bench/results/slo.json",
+        ".venv/bin/tandem bench slo --scenario bench/data/sharegpt_poisson.yaml "
+        "--out bench/results/slo_sharegpt.json", "```", "",
         "Data: Azure LLM inference trace 2023 (Patel et al., ISCA 2024), CC-BY 4.0; ShareGPT length statistics.", ""])
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.md"

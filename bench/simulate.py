@@ -24,8 +24,8 @@ from services.catalog import model as model_spec
 #: What users would pick instead, in every comparison: llm-d's default profile in front of vLLM-style fcfs engines
 #: (what teams run today), SGLang's cache-aware gateway, and round robin as the floor; SLoB's rtc and orca.
 BASELINES = ("round_robin/fcfs", "llmd/fcfs", "sglang_cache_aware/fcfs", "round_robin/rtc", "round_robin/orca")
-TANDEM_DEFAULT = "capacity/fcfs"
-CLAIRVOYANT = "capacity/oracle"           # knows true lengths through the named path: prices prediction error
+TANDEM_DEFAULT = "token_aware/sage"
+CLAIRVOYANT = "token_aware/sage:clairvoyant"   # sage given true lengths (named path): prices prediction error
 DEFAULT_POLICIES = (*BASELINES, TANDEM_DEFAULT, CLAIRVOYANT)
 
 

@@ -264,6 +264,13 @@ class Simulator:
         request = output.request
         rid = request.request_id
         record = self._records[rid]
+        if not output.new_token_ids:              # refused by the engine's triage before it ran
+            self._finished += 1
+            self._end(rid, f"RESOURCE_EXHAUSTED: {output.finish_reason}")
+            self.registry.release(rid)
+            if self.queue.waiters:
+                self._dispatch()
+            return
         record.token_times.append(self.clock.now() + self._delivery_rank * self.delivery_per_seq_s)
         self._delivery_rank += 1
         if output.finished:

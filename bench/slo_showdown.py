@@ -32,7 +32,8 @@ SCALES = (1.0, 2.0, 4.0)
 
 
 def pairs() -> list[str]:
-    ours = [f"{ROUTE}/fcfs", f"{ROUTE}/edf", *(f"{ROUTE}/{s}" for s in SEEDS)]
+    ours = [f"{ROUTE}/fcfs", f"{ROUTE}/edf", *(f"{ROUTE}/{s}" for s in SEEDS), f"{ROUTE}/adaptive",
+            "adaptive/adaptive"]
     return [FLOOR, PEER, *SLOB_PEERS, *ours, *(f"{ROUTE}/{s}:clairvoyant" for s in SEEDS)]
 
 
@@ -49,7 +50,7 @@ def measure(cluster: ClusterSpec, scenario: Scenario, on_run: Callable[[str], No
         for scale in SCALES:
             grid[pair][scale] = _row(simulate_once(cluster, scenario.model_copy(update={"rate_scale": scale}), pair))
             on_run(pair)
-    ours = [p for p in grid if p.startswith(ROUTE + "/") and ":" not in p and not p.endswith("/fcfs")]
+    ours = [p for p in grid if p not in (FLOOR, PEER, *SLOB_PEERS) and ":" not in p and not p.endswith("/fcfs")]
     best = max(ours, key=lambda p: (grid[p][4.0]["attainment"] + grid[p][2.0]["attainment"], p))
     good = {}
     for pair in (FLOOR, PEER, best):

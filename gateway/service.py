@@ -23,6 +23,7 @@ from services import rpc
 from services import settings as settings_mod
 from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, profiler_pb2,
                           profiler_pb2_grpc, worker_pb2, worker_pb2_grpc)
+from services.engine_traits import REFUSED_KEY
 from services.server import ServiceHost, run_service
 from profiler.predictor import length_bucket, prompt_feature
 from services.slo import DEFAULT_CLASS, SloClass, resolve
@@ -237,6 +238,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     self._record(worker_request, reply.metrics, chunk.finish_reason)
                 await context.write(reply)
         except grpc.aio.AioRpcError as e:
+            trailing = dict(e.trailing_metadata() or ())
+            if relay.tokens_sent == 0 and REFUSED_KEY in trailing:      # the engine's triage: tell the client
+                if "retry-after-ms" in trailing:
+                    context.set_trailing_metadata((("retry-after-ms", trailing["retry-after-ms"]),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, e.details() or "refused")
             if relay.tokens_sent == 0 and e.code() in RETRYABLE:
                 log.warning("worker failed before the first token; trying another",
                             extra={"fields": {"worker_id": choice.worker_id, "request_id": worker_request.request_id,

@@ -49,9 +49,9 @@ class ClusterSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    routing_policy: str = "capacity"
+    routing_policy: str = "token_aware"
     routing_options: dict[str, Any] = Field(default_factory=dict)
-    engine_policy: str = "fcfs"
+    engine_policy: str = "sage"
     engine_options: dict[str, Any] = Field(default_factory=dict)
     report_interval_s: float = Field(0.2, gt=0, description="how often workers report load to the balancer")
     queue_limit: int = Field(512, gt=0)

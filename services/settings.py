@@ -29,7 +29,7 @@ class ProfilerSettings(ServiceSettings):
 
 
 class BalancerSettings(ServiceSettings):
-    routing_policy: str = "capacity"
+    routing_policy: str = "token_aware"
     routing_options: dict[str, Any] = Field(default_factory=dict, description="the routing policy's options (JSON)")
     worker_timeout_s: float = Field(1.5, gt=0, description="a worker silent this long leaves rotation")
     report_interval_s: float = Field(0.2, gt=0, description="how often workers should report load")
@@ -48,7 +48,7 @@ class WorkerSettings(ServiceSettings):
     executor: Literal["sim", "torch"] = "sim"
     gpu_type: str = "A100-80G"
     model: str = Field("llama-2-7b", description="sim: a model name; torch: a checkpoint folder")
-    engine_policy: str = "fcfs"
+    engine_policy: str = "sage"
     engine_options: dict[str, Any] = Field(default_factory=dict, description="the engine policy's options (JSON)")
     block_size: int = Field(16, gt=0)
     kv_blocks: int = Field(0, ge=0, description="KV block budget; 0 derives it from device memory")

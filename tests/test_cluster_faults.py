@@ -105,7 +105,7 @@ def test_dead_worker_leaves_rotation_within_2s(tmp_path):
 
 def test_overload_sheds_batch_keeps_interactive_and_recovers(tmp_path):
     # two small workers (4 sequences each) and a 24-place queue, offered ~12x what they can run at once
-    spec = ClusterSpec(routing_policy="capacity", queue_limit=24, shed_at=0.5, workers=[
+    spec = ClusterSpec(routing_policy="capacity", engine_policy="fcfs", queue_limit=24, shed_at=0.5, workers=[
         WorkerSpec(id="a", gpu_type="A100-80G", max_num_seqs=4), WorkerSpec(id="b", gpu_type="L40S", max_num_seqs=4)])
     stack = start_stack(spec, tmp_path)
     try:

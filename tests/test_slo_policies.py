@@ -236,3 +236,80 @@ def test_slack_queue_puts_requests_past_their_deadline_last():
     assert queue.ordered() == [new, old]
     with pytest.raises(ValueError, match="needs the balancer's clock"):
         GlobalQueue(16, order="slack")
+
+
+@pytest.mark.parametrize("loads,levels", [
+    ([0.1, 0.6, 0.4, 0.2], ["light", "medium", "medium", "light"]),      # down only below 0.25
+    ([3.0, 1.5, 0.9, 0.1], ["heavy", "heavy", "medium", "light"]),        # jumps up, steps down
+])
+def test_adaptive_engine_switches_levels_with_hysteresis(loads, levels):
+    from workers.policies.adaptive import LEVELS
+    policy = make_policy("adaptive", latency=FlatLatency())
+    seen = []
+    for load in loads:
+        policy.update_level(load)
+        seen.append(LEVELS[policy.level])
+    assert seen == levels
+
+
+def test_adaptive_engine_orders_by_arrival_when_light_and_by_cost_when_heavy():
+    policy = make_policy("adaptive", latency=FlatLatency())
+    long = Request("long", [1] * 8, SamplingParams(max_tokens=2048), 0.0, predicted_lengths=(200, 400, 800))
+    short = Request("short", [1] * 8, SamplingParams(max_tokens=2048), 1.0, predicted_lengths=(5, 10, 20))
+    policy.level = 0
+    assert policy.key(long, 2.0) < policy.key(short, 2.0)            # light: first come, first served
+    policy.level = 2
+    assert policy.key(short, 2.0) < policy.key(long, 2.0)            # heavy: cheapest expected cost first
+
+
+def test_adaptive_engine_re_sorts_its_queue_when_the_level_changes():
+    sched, clock = setup("adaptive", max_seqs=1)
+    first = add(sched, clock, "first", max_tokens=4, lengths=(4, 4, 4))
+    step(sched)                                               # one waiting, none running: medium
+    add(sched, clock, "long", lengths=(200, 400, 800), max_tokens=30)
+    add(sched, clock, "short", lengths=(5, 10, 20), max_tokens=30)
+    order = []
+    while sched.has_work():
+        order += [s.request.request_id for s in step(sched).scheduled if s.request.first_scheduled_time == clock.now()]
+    assert first.is_finished and order.index("short") < order.index("long")
+    assert sched.policy.switches >= 1
+
+
+# ----- refusing sheddable lost causes -----------------------------------------------------------------------
+@pytest.mark.parametrize("refuse,sheddable,refused", [
+    (True, True, True),          # a sheddable request that can no longer make it is refused before it runs
+    (True, False, False),        # one that is not sheddable is kept (behind the others) and finishes
+    (False, True, False),        # refusing is the policy's option
+])
+def test_triage_refuses_late_sheddable_requests_when_asked(refuse, sheddable, refused):
+    sched, clock = setup("sage", max_seqs=1, refuse_sheddable=refuse)
+    hopeless = add(sched, clock, "hopeless", slo=SloTarget("batch", e2e_s=0.001, sheddable=sheddable))
+    clock.advance(0.01)
+    out = step(sched)
+    assert (out.refused == [hopeless]) is refused
+    assert (hopeless.status.value == "refused") is refused and (sched.get("hopeless") is None) is refused
+    while sched.has_work():
+        step(sched)
+    assert hopeless.is_finished and sched.blocks.num_used_blocks == 0
+
+
+def test_a_refused_request_reaches_its_reader_as_refused():
+    import asyncio
+
+    from workers.build import assemble_engine
+    from workers.executors.sim import SimExecutor
+    from services.latency import LatencyModel
+
+    async def run():
+        clock = VirtualClock()
+        executor = SimExecutor(LatencyModel.from_names("A10", "llama-2-7b"), clock)
+        engine = assemble_engine(executor, 256, 16, 8, 512, "sage", {"refuse_sheddable": True}, clock)
+        request = Request("r", [1] * 16, SamplingParams(max_tokens=8), 0.0,
+                          slo=SloTarget("batch", e2e_s=0.001, sheddable=True), upstream_s=1.0)
+        stream = engine.add_request(request)
+        assert engine.begin_step() is None                  # nothing left to run: it was refused
+        chunk = await stream.next_chunk()
+        return chunk
+
+    chunk = asyncio.run(run())
+    assert chunk.finished and chunk.finish_reason == "refused" and not chunk.token_ids

@@ -171,6 +171,8 @@ class Engine:
     def begin_step(self) -> SchedulerOutput | None:
         """Schedule the next batch; None when nothing can run now."""
         out = self.scheduler.schedule()
+        for request in out.refused:
+            self._end_unrun(request)
         return out if out.scheduled else None
 
     def end_step(self, out: SchedulerOutput, sampled: dict[str, int], start: float, step: float) -> None:
@@ -190,6 +192,16 @@ class Engine:
         self.recent.append(stats)
         if self.on_iteration is not None:
             self.on_iteration(stats, out)
+
+    def _end_unrun(self, request: Request) -> None:
+        """Tell a request's reader that it ended before it ran (refused by the policy's triage)."""
+        reason = request.status.finish_reason
+        self.executor.release(request.request_id)
+        stream = self._streams.pop(request.request_id, None)
+        if stream is not None:
+            stream.push((), "", reason)
+        elif self.on_output is not None:
+            self.on_output(RequestOutput(request, (), True, reason))
 
     def load(self) -> dict[str, object]:
         """What a load report says now (the balancer's ``LOAD_FIELDS``): one snapshot for the live worker's

@@ -15,6 +15,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = "stop"      # EOS, a stop token or a stop string
     FINISHED_LENGTH = "length"     # max_tokens or the context window
     FINISHED_ABORTED = "abort"     # the client went away, a deadline passed, or the worker drained
+    FINISHED_REFUSED = "refused"   # triage: sheddable, and it can no longer meet its SLO; never started
 
     @property
     def finished(self) -> bool:
@@ -25,7 +26,8 @@ class RequestStatus(enum.Enum):
         return self.value if self in _FINISHED else None
 
 
-_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED})
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED,
+                       RequestStatus.FINISHED_REFUSED})
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    refused: list[Request] = field(default_factory=list)      # ended before they ran (the policy's triage)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -144,6 +145,10 @@ class Scheduler:
             self.running.sort(key=lambda r: policy.key(r, now))
             self.waiting.sort(key=lambda r: policy.key(r, now))
         policy.plan(now, self.running, self.waiting)
+        for request in policy.take_refused():
+            if request.status is RequestStatus.WAITING and request.request_id in self._by_id:
+                self._finish(request, RequestStatus.FINISHED_REFUSED, now)
+                out.refused.append(request)
         max_seqs = self.config.max_num_seqs if policy.max_running is None else \
             max(1, min(policy.max_running, self.config.max_num_seqs))
         budget = self.config.max_num_batched_tokens if policy.max_batched_tokens is None else \
@@ -272,7 +277,7 @@ class Scheduler:
         request.status = status
         request.finished_time = self.clock.now() if now is None else now
         del self._by_id[request.request_id]
-        if status is RequestStatus.FINISHED_ABORTED:
+        if status in (RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_REFUSED):
             self.num_aborted += 1
         else:
             self.num_finished += 1

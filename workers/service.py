@@ -18,6 +18,7 @@ from services import rpc
 from services import settings as settings_mod
 from services.rpc import balancer_pb2, balancer_pb2_grpc, common_pb2, worker_pb2
 from services.rpc import worker_pb2_grpc
+from services.engine_traits import REFUSED_KEY
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
 from services.validation import Invalid, check_lengths, check_sampling
@@ -27,11 +28,14 @@ from workers.clock import RealClock
 from workers.engine import Engine, IterationStats
 from services.fit import Probe
 from workers.probe import ProbeError, run_probes
-from workers.request import Request, SamplingParams, SloTarget
+from workers.request import Request, RequestStatus, SamplingParams, SloTarget
 from workers.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
+
+
+ANSWER_STEPS = 128           # steps a typical answer takes, for the retry hint of a refused request
 
 class TooLarge(Exception):
     """A request this worker's KV cache can never hold, however empty."""
@@ -91,6 +95,14 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             try:
                 while not done:
                     chunk = await stream.next_chunk()
+                    if chunk.finish_reason == RequestStatus.FINISHED_REFUSED.finish_reason:
+                        done = True
+                        span.set_attribute("tandem.outcome", "refused")
+                        context.set_trailing_metadata((("retry-after-ms", str(self._retry_hint_ms())),
+                                                       (REFUSED_KEY, "slo")))
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            f"worker {self.cfg.worker_id}: refused, it can no longer meet its SLO "
+                                            "under the current load")
                     reply = worker_pb2.WorkerGenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
                     if chunk.finished:
                         done = True
@@ -102,6 +114,12 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     self.engine.abort(rid)      # the client went away: free the blocks now
                 self._span_contexts.pop(rid, None)
                 self._record_phases(span, engine_request)
+
+    def _retry_hint_ms(self) -> int:
+        """When a refused request might be taken: about the time the waiting queue takes to move up a batch."""
+        s = self.engine.scheduler
+        batches_ahead = max(1, s.num_waiting) / max(1, s.num_running)
+        return int(min(60_000, max(100, batches_ahead * ANSWER_STEPS * (self.engine.step_time_ms or 30.0))))
 
     async def GetStats(self, request: worker_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
                        ) -> worker_pb2.WorkerStats:

@@ -34,6 +34,10 @@ class EnginePolicy:
         on time (triage) may re-position requests within ``waiting`` here, keeping it sorted by its own
         ``key``, and may set ``max_running``; cheap policies leave it empty."""
 
+    def take_refused(self) -> list[Request]:
+        """Waiting requests the policy refuses outright (triage of sheddable ones), taken once, after ``plan``."""
+        return []
+
     def key(self, request: Request, now: float) -> tuple:
         """Sort key: smaller goes first, both for admission and for the running batch."""
         return (request.arrival_time,)

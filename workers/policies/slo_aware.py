@@ -6,7 +6,9 @@ starts at the client's arrival (``Request.slo_start``), not when this engine fir
 A request is *late* when even an optimistic forecast misses its milestone: its pending prefill, then the
 ``optimism`` quantile of its predicted remaining length at the current decode step time (the worker's own
 latency model). Triage puts late requests behind every request that can still make it: they still run when
-there is room, finish, and count as missed, but no longer take the batch from those that can be saved.
+there is room, finish, and count as missed, but no longer take the batch from those that can be saved. With
+``refuse_sheddable``, a sheddable request that turns late before it ever ran is refused instead (the worker
+answers RESOURCE_EXHAUSTED with a retry hint), so the batch does not spend its spare room on it.
 
 Keys are static between steps (the scheduler keeps its queues sorted by insertion); ``plan`` re-checks the
 head of the waiting queue every step and moves any request that became late behind the feasible ones. A
@@ -38,7 +40,8 @@ class SloAwarePolicy(EnginePolicy):
 
     def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 8,
                  max_preemptions: int = 1, step_target_s: float = 0.0, late_slots: int = 1 << 30,
-                 prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None) -> None:
+                 prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None,
+                 refuse_sheddable: bool = False) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
         self.latency = latency
@@ -55,6 +58,8 @@ class SloAwarePolicy(EnginePolicy):
         self._steps = 0
         self.recheck_steps = 16
         self._optimistic: WeakKeyDictionary[Request, tuple[int, float]] = WeakKeyDictionary()
+        self.refuse_sheddable = refuse_sheddable  # a sheddable request that turns late is refused, not kept
+        self._refused: list[Request] = []
         self.late: WeakSet[Request] = WeakSet()
         self._shape = (0, 0)
         self.step_s = latency.decode_time(1, self.DEFAULT_CONTEXT)
@@ -169,11 +174,15 @@ class SloAwarePolicy(EnginePolicy):
             if request in late:
                 break                                   # the late group starts here
             checked += 1
-            if self.is_late(request, now):
+            if not self.is_late(request, now):
+                i += 1
+            elif self.refuse_sheddable and request.slo.sheddable and not request.num_output_tokens \
+                    and not request.num_preemptions:
+                self._refused.append(request)           # the scheduler ends it (RESOURCE_EXHAUSTED upstream)
+                i += 1
+            else:
                 late.add(request)
                 moved.append(waiting.pop(i))
-            else:
-                i += 1
         for request in moved:
             bisect.insort_right(waiting, request, key=lambda r: self.key(r, now))
 
@@ -187,6 +196,10 @@ class SloAwarePolicy(EnginePolicy):
             return False
         self._late_running += 1
         return True
+
+    def take_refused(self) -> list[Request]:
+        refused, self._refused = self._refused, []
+        return refused
 
     # ----- preemption ------------------------------------------------------------------------------------
     def preemption_victim(self, candidates: Sequence[Request], now: float) -> Request:
