@@ -11,17 +11,28 @@ import math
 from balancer.registry import WorkerState
 from balancer.route_context import RouteContext
 from services.engine_traits import PREFILL_CHUNK, TRIAGING_ENGINE_POLICIES
+from services.length_distribution import LengthDistribution
 
 FALLBACK_STEP_S = 0.03
 
 
 def output_tokens(r: RouteContext) -> float:
+    """The typical answer: the predicted median (a single request's latency is forecast by it)."""
     return r.predicted_output or float(r.max_tokens or 128)
 
 
+def expected_output_tokens(r: RouteContext) -> float:
+    """The mean of the predicted length distribution, tail included: what a request costs on average, so the
+    work a worker is promised adds up to what it will run."""
+    if not r.predicted_lengths:
+        return output_tokens(r)
+    return LengthDistribution.from_quantiles(r.predicted_lengths, r.max_tokens or 1 << 20).mean()
+
+
 def work_seconds(w: WorkerState, r: RouteContext) -> float:
-    """Worker-seconds this request adds at saturation: its prefill plus its share of decode capacity."""
-    out = output_tokens(r)
+    """Worker-seconds this request adds at saturation: its prefill plus its share of decode capacity, priced by
+    the expected length over the predicted distribution."""
+    out = expected_output_tokens(r)
     if w.latency is not None and w.capacity_tok_s > 0:
         return w.latency.prefill_time(max(1, r.prompt_tokens)) + out / w.capacity_tok_s
     step = (w.step_time_ms / 1000) or FALLBACK_STEP_S

@@ -28,7 +28,7 @@ from workers.scheduler import Scheduler, SchedulerConfig
 SLOS = (SloTarget("interactive", ttft_s=1.0, tpot_s=0.1), SloTarget("code", e2e_s=2.0),
         SloTarget("batch", e2e_s=60.0))
 LENGTHS = ((20.0, 129.0, 450.0), (3.0, 13.0, 80.0), (120.0, 415.0, 850.0))
-POLICIES = ("fcfs", "priority", "rtc", "orca", "edf", "sage", "sa_slo", "larry", "slob")
+POLICIES = ("fcfs", "priority", "rtc", "orca", "edf", "sage", "sa_slo", "larry", "slob", "adaptive")
 
 
 def measure(policy: str, running: int = 256, waiting: int = 1000, iterations: int = 300) -> dict[str, float]:

@@ -89,9 +89,11 @@ def checks(m: dict) -> list[tuple[str, str, str, bool]]:
         worst = max(abs(g[pair][s]["attainment"] - g[twin][s]["attainment"]) for s in SCALES)
         out.append((f"{seed} vs its clairvoyant twin (worst of x1/x2/x4)", "within 10 points",
                     f"{worst * 100:.1f} points", worst <= 0.10))
-    lp, fp = g[f"{ROUTE}/larry"][2.0]["preemptions_per_request"], g[f"{ROUTE}/fcfs"][2.0]["preemptions_per_request"]
-    out.append((f"larry preemptions per request at x2 vs fcfs ({ROUTE} routing)", "<= 0.25x",
-                f"{lp:.3f} / {fp:.3f}", lp <= 0.25 * fp))
+    # fcfs engines behind a router that binds at once, as larry's are (behind Tandem's late-binding queue fcfs
+    # engines hardly preempt: the queue holds the work back instead)
+    lp, fp = g[f"{ROUTE}/larry"][2.0]["preemptions_per_request"], g[PEER][2.0]["preemptions_per_request"]
+    out.append((f"larry preemptions per request at x2 vs fcfs ({PEER}, which binds at once too)", "<= 0.25x",
+                f"{lp:.4f} / {fp:.4f}", lp <= 0.25 * fp))
     return out
 
 

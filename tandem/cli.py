@@ -425,6 +425,27 @@ def bench_slo(scenario: Optional[Path] = typer.Option(None, help="scenario file;
     run(scenario, cluster, out, console)
 
 
+@bench_app.command("live-slo")
+def bench_live_slo(rate: float = typer.Option(24.0, min=0.1, help="requests/s of the overload run"),
+                   duration: float = typer.Option(60.0, min=1.0, help="seconds of arrivals"),
+                   light_rate: float = typer.Option(4.0, min=0.0, help="light-load reference run, requests/s (0: skip)"),
+                   seed: int = typer.Option(0),
+                   simulator: bool = typer.Option(True, help="calibrate the workers and print the simulator's "
+                                                             "prediction beside the live figures"),
+                   out: Path = typer.Option(Path("bench/results/live_slo.json"))) -> None:
+    """token_aware/sage against token_aware/fcfs and llmd/fcfs on a live stack of three CPU torch workers under
+    overload, beside the simulator's prediction for the same requests."""
+    from bench.live_slo import Settings, run
+    from bench.traces import TraceError
+
+    try:
+        run(Settings(rate=rate, duration_s=duration, light_rate=light_rate, seed=seed, calibrate=simulator), out,
+            console)
+    except (RuntimeError, ValueError, TraceError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("schedule")
 def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
     """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""

@@ -96,3 +96,18 @@ class OtlpReceiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __exit__(self, *exc: object) -> None:
         self.server.stop(0)
+
+
+def step(sched, clock=None, token=5):
+    """One engine iteration by hand: schedule, then each request that samples gets ``token``; ``clock`` (when
+    given) moves on 10 ms."""
+    out = sched.schedule()
+    sched.update(out, {s.request.request_id: token for s in out.scheduled if s.samples})
+    if clock is not None:
+        clock.advance(0.01)
+    return out
+
+
+def ids(out):
+    """The ids of a step's scheduled requests, in batch order."""
+    return [s.request.request_id for s in out.scheduled]

@@ -9,6 +9,7 @@ from workers.clock import VirtualClock
 from workers.policies import make_policy, policy_names
 from workers.request import Request, RequestStatus, SamplingParams
 from workers.scheduler import Scheduler, SchedulerConfig
+from tests.helpers import ids, step
 
 
 def setup(policy, num_blocks=64, block_size=4, budget=64, max_seqs=8, **kw):
@@ -24,15 +25,6 @@ def add(sched, clock, rid, prompt=4, max_tokens=8, priority=0, advance=0.001):
     clock.advance(advance)
     return r
 
-
-def step(sched):
-    out = sched.schedule()
-    sched.update(out, {s.request.request_id: 5 for s in out.scheduled if s.samples})
-    return out
-
-
-def ids(out):
-    return [s.request.request_id for s in out.scheduled]
 
 
 def drain(sched, limit=1000):

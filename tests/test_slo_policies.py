@@ -24,6 +24,7 @@ from workers.policies.slo_aware import SloAwarePolicy
 from workers.request import Request, SamplingParams, SloTarget
 from workers.scheduler import Scheduler, SchedulerConfig
 from workers.true_lengths import TrueLengths
+from tests.helpers import ids, step
 
 SLO_POLICIES = ("edf", "sage", "sa_slo")
 
@@ -53,15 +54,6 @@ def add(sched, clock, rid, prompt=8, max_tokens=64, slo=SloTarget("x", e2e_s=10.
     clock.advance(advance)
     return r
 
-
-def step(sched):
-    out = sched.schedule()
-    sched.update(out, {s.request.request_id: 5 for s in out.scheduled if s.samples})
-    return out
-
-
-def ids(out):
-    return [s.request.request_id for s in out.scheduled]
 
 
 # ----- the distribution ------------------------------------------------------------------------------------
@@ -98,7 +90,7 @@ def test_a_request_that_cannot_make_it_goes_behind_those_that_can(policy):
     sched, clock = setup(policy, max_seqs=1)
     hopeless = add(sched, clock, "hopeless", slo=SloTarget("i", ttft_s=0.001, tpot_s=0.1))
     clock.advance(0.01)                                     # its first token is already late
-    fine = add(sched, clock, "fine", slo=SloTarget("i", ttft_s=1.0, tpot_s=0.1))
+    add(sched, clock, "fine", slo=SloTarget("i", ttft_s=1.0, tpot_s=0.1))
     assert ids(step(sched)) == ["fine"]
     assert hopeless in sched.policy.late and hopeless.status.value == "waiting"
     while sched.has_work():                                 # it still runs, and finishes
@@ -313,3 +305,14 @@ def test_a_refused_request_reaches_its_reader_as_refused():
 
     chunk = asyncio.run(run())
     assert chunk.finished and chunk.finish_reason == "refused" and not chunk.token_ids
+
+
+def test_the_balancer_prices_work_by_the_whole_distribution():
+    from balancer.estimate import expected_output_tokens, output_tokens
+
+    skewed = RouteContext("r", prompt_tokens=100, max_tokens=2048, predicted_output=100.0,
+                          predicted_lengths=(50.0, 100.0, 1000.0))
+    narrow = RouteContext("r", prompt_tokens=100, max_tokens=2048, predicted_output=100.0,
+                          predicted_lengths=(90.0, 100.0, 110.0))
+    assert output_tokens(skewed) == output_tokens(narrow) == 100.0            # the same typical answer ...
+    assert expected_output_tokens(skewed) > 2 * expected_output_tokens(narrow)  # ... but a long tail costs more

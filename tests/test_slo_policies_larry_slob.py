@@ -15,6 +15,7 @@ from workers.policies.larry import LarryPolicy
 from workers.policies.slob import SlobPolicy
 from workers.request import Request, RequestStatus, SamplingParams, SloTarget
 from workers.scheduler import Scheduler, SchedulerConfig
+from tests.helpers import ids, step
 
 
 class FlatLatency:
@@ -44,17 +45,6 @@ def add(sched, clock, rid, prompt=4, max_tokens=8, pred=(), slo=None, advance=0.
     clock.advance(advance)
     return r
 
-
-def step(sched, clock=None):
-    out = sched.schedule()
-    sched.update(out, {s.request.request_id: 5 for s in out.scheduled if s.samples})
-    if clock is not None:
-        clock.advance(0.01)
-    return out
-
-
-def ids(out):
-    return [s.request.request_id for s in out.scheduled]
 
 
 def drain(sched, clock, limit=5000):
