@@ -57,6 +57,11 @@ class ClusterSpec(BaseModel):
     queue_limit: int = Field(512, gt=0)
     shed_at: float = Field(0.5, ge=0, le=1)
     queue_order: Literal["fair", "slack"] = "fair"
+    #: what ``tandem up`` does when a service process dies: restart it always, on failure only (a non-zero exit
+    #: or a signal) at most ``restart_limit`` times, or never; restarts wait ``restart_backoff_s``, doubling
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    restart_limit: int = Field(5, ge=0)
+    restart_backoff_s: float = Field(0.5, gt=0)
     slo_classes: dict[str, SloClass] | None = None
     workers: list[WorkerSpec] = Field(min_length=1)
 

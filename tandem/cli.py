@@ -106,12 +106,14 @@ def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); d
         table.add_row(name, proc.address, str(proc.popen.pid))
     console.print(table)
     console.print(f"gateway on [bold]{stack.gateway_address}[/bold]; logs in {stack.log_dir}; Ctrl-C to stop")
+    spec = stack.cluster
+    console.print(f"restart policy: {spec.restart}" + (f" (at most {spec.restart_limit} times each)"
+                                                        if spec.restart == "on-failure" else ""))
+    colour = {"exited": "red", "given up": "red", "restarting": "yellow", "restarted": "green"}
     try:
-        while not stop.wait(0.5):
-            dead = [n for n, p in stack.processes.items() if p.popen.poll() is not None]
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited; stopping[/red]")
-                break
+        while not stop.wait(0.25):
+            for event in stack.supervise():
+                console.print(f"[{colour[event.what]}]{event.name} {event.what}: {event.detail}[/]")
     finally:
         with console.status("stopping ..."):
             stack.stop()

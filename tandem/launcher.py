@@ -2,7 +2,9 @@
 
 Used by ``tandem up``, the demo, the benchmarks and the multi-process tests, so they all exercise the same
 path: each service is ``python -m tandem.cli serve NAME`` with flags, announces its port with a READY line,
-and is stopped with SIGTERM (graceful drain), then SIGKILL if it does not exit in time.
+and is stopped with SIGTERM (graceful drain), then SIGKILL if it does not exit in time. ``supervise`` restarts
+a process that died, as the cluster file's restart policy says (``tandem up`` calls it every quarter second);
+what it does goes to the console and to ``supervisor.log`` beside the services' logs.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ class Process:
     stdout_path: Path
     stderr_path: Path
     address: str = ""
+    args: list[str] = field(default_factory=list)     # its ``serve`` flags, to start it again the same way
+    restarts: int = 0
+    restart_at: float | None = None                   # a restart is due then (backing off)
+    starting_until: float | None = None               # restarted, not READY yet; given up on after this
+
+
+@dataclass(frozen=True)
+class SupervisorEvent:
+    """Something ``LocalStack.supervise`` did or saw, for the console and the logs."""
+
+    name: str
+    what: str          # "exited", "restarting", "restarted", "given up"
+    detail: str
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -123,6 +138,63 @@ class LocalStack:
                     raise StackError(f"only {len(workers)} of {count} workers registered in time")
                 time.sleep(0.05)
 
+    def supervise(self, now: float | None = None, ready_timeout_s: float = 30.0) -> list[SupervisorEvent]:
+        """One look at every process under the cluster's restart policy: a process that died is started again
+        after a backoff (on the same port, so every other service's address for it stays right; a worker
+        registers again by itself), or left down when the policy says so. Call it periodically."""
+        now = time.monotonic() if now is None else now
+        policy, events = self.cluster, []
+        for name, process in self.processes.items():
+            code = process.popen.poll()
+            if process.starting_until is not None:                    # restarted: READY yet?
+                address = self._ready_line(process)
+                if address:
+                    process.address, process.starting_until = address, None
+                    events.append(SupervisorEvent(name, "restarted", f"on {address} (restart {process.restarts})"))
+                    continue
+                if code is None and now < process.starting_until:
+                    continue
+                if code is None:
+                    process.popen.kill()
+                    process.popen.wait()
+                    code = process.popen.returncode
+                process.starting_until = None
+                events.append(SupervisorEvent(name, "exited", f"while starting again, code {code}"))
+            elif code is None or process.restart_at is not None and now < process.restart_at:
+                continue
+            elif process.restart_at is None:
+                events.append(SupervisorEvent(name, "exited", f"code {code}" if code >= 0 else f"signal {-code}"))
+                if policy.restart == "never" or (policy.restart == "on-failure" and code == 0) or \
+                        (policy.restart == "on-failure" and process.restarts >= policy.restart_limit):
+                    events.append(SupervisorEvent(name, "given up", f"restart policy {policy.restart}, "
+                                                  f"{process.restarts} restarts so far"))
+                    process.restart_at = float("inf")
+                    continue
+                delay = min(30.0, policy.restart_backoff_s * 2 ** process.restarts)
+                process.restart_at = now + delay
+                events.append(SupervisorEvent(name, "restarting", f"in {delay:.1f} s"))
+                continue
+            if process.restart_at is not None and now >= process.restart_at:
+                process.restart_at = None
+                self._respawn(process, now + ready_timeout_s)
+        if events and self.log_dir is not None:
+            with open(self.log_dir / "supervisor.log", "a") as log:
+                for event in events:
+                    log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {event.name} {event.what}: {event.detail}\n")
+        return events
+
+    def _respawn(self, process: Process, ready_by: float) -> None:
+        """Start ``process`` again with its flags, on the port it had."""
+        args = list(process.args)
+        port = process.address.rsplit(":", 1)[-1] if process.address else ""
+        if port and "--port" in args:
+            args[args.index("--port") + 1] = port
+        elif port:
+            args += ["--port", port]
+        restarts = process.restarts + 1
+        fresh = self._spawn(process.name, args)
+        fresh.args, fresh.address, fresh.restarts, fresh.starting_until = process.args, process.address, restarts, ready_by
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         process = self.processes[name]
         process.popen.send_signal(sig)
@@ -155,7 +227,7 @@ class LocalStack:
         with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
             popen = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host, *args],
                                      stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        process = self.processes[name] = Process(name, popen, stdout_path, stderr_path)
+        process = self.processes[name] = Process(name, popen, stdout_path, stderr_path, args=list(args))
         return process
 
     def _launch(self, name: str, args: list[str], deadline: float) -> Process:
@@ -163,12 +235,19 @@ class LocalStack:
         process.address = self._ready(name, deadline)
         return process
 
+    @staticmethod
+    def _ready_line(process: Process) -> str:
+        """The address a service announced on its READY line, or "" before it has."""
+        for line in process.stdout_path.read_text(errors="replace").splitlines():
+            if line.startswith("READY "):
+                return line.split()[2]
+        return ""
+
     def _ready(self, name: str, deadline: float) -> str:
         process = self.processes[name]
         while time.monotonic() < deadline:
-            for line in process.stdout_path.read_text(errors="replace").splitlines():
-                if line.startswith("READY "):
-                    return line.split()[2]
+            if address := self._ready_line(process):
+                return address
             if process.popen.poll() is not None:
                 raise StackError(f"{name} exited with code {process.popen.returncode}:\n{process.log_tail()}")
             time.sleep(0.02)

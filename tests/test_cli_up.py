@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -48,3 +49,30 @@ def test_up_rejects_a_bad_cluster_file(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tandem.cli", "up", "--cluster", str(cluster)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unknown GPU type 'Z80'" in out.stderr
+
+
+def test_up_restarts_a_killed_worker_and_keeps_serving(tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("routing_policy: round_robin\nrestart: on-failure\nrestart_backoff_s: 0.2\nworkers:\n"
+                       "  - {id: a, gpu_type: A100-80G}\n  - {id: b, gpu_type: A10}\n")
+    proc, address, printed = tandem_up(["--cluster", str(cluster), "--port", "0", "--log-dir", str(tmp_path / "logs")])
+    try:
+        pid_a = int(re.search(r"worker-a\s*│[^│]*│\s*(\d+)", printed).group(1))
+        os.kill(pid_a, signal.SIGKILL)
+        with grpc.insecure_channel(address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            served, deadline = set(), time.monotonic() + 20
+            while served != {"a", "b"} and time.monotonic() < deadline:   # the rest serve; a comes back
+                try:
+                    served.add(list(stub.Generate(gateway_pb2.GenerateRequest(prompt="hi", max_tokens=2),
+                                                  timeout=5))[-1].metrics.worker_id)
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        assert served == {"a", "b"} and time.monotonic() < deadline
+        assert proc.poll() is None                                        # the stack did not stop
+        log = (tmp_path / "logs" / "supervisor.log").read_text()
+        assert "worker-a exited: signal 9" in log and "worker-a restarted" in log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
