@@ -98,7 +98,7 @@ from bench.metrics import RequestRecord, summarize
 from bench.replay import ReplayItem, replay
 from bench.report import write_json
 from bench.simulator import Simulator
-from bench.stack_fidelity import process_cpu_s, stack_cpu_s
+from bench.stack_fidelity import loadavg, process_cpu_s, stack_cpu_s
 from bench.traces import TraceError, default_trace_path, load_azure
 from services.cluster import ClusterSpec, WorkerSpec
 from services.fit import FittedLatency
@@ -313,13 +313,6 @@ def table_of(rows: list[dict], title: str) -> Table:
     return table
 
 
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 @dataclass
 class Run:
     run: str
@@ -373,7 +366,7 @@ def run(settings: Settings | None = None, out: Path | None = Path("bench/results
         return LocalStack(cluster_of(folder, pair, s), gateway_port=0, log_dir=log_root / name)
 
     def live_row(name: str, pair: str, stack: "LocalStack", work: list[ReplayItem], label: str) -> Run:
-        t0, load, cpu0 = time.perf_counter(), _loadavg(), stack_cpu_s(stack)
+        t0, load, cpu0 = time.perf_counter(), loadavg(), stack_cpu_s(stack)
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), console=console, transient=True)
         with progress:
@@ -475,7 +468,7 @@ def run(settings: Settings | None = None, out: Path | None = Path("bench/results
     payload = {"settings": asdict(s), "slo_classes": {k: v.model_dump() for k, v in SLO_CLASSES.items()},
                "checkpoint": str(folder), "window": window, "requests": len(items), "light_requests": len(light),
                "calibration": calibration, "overheads": overheads, "busy_cpu_share": busiest, "runs": rows,
-               "checks": checks, "wall_s": wall, "load_average_end": _loadavg(), "logs": str(log_root)}
+               "checks": checks, "wall_s": wall, "load_average_end": loadavg(), "logs": str(log_root)}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")
     return payload

@@ -255,7 +255,7 @@ def measure_overheads(stack: object, cluster: ClusterSpec, sizes: ProbeSizes | N
             "delivery_per_seq_s": max(0.0, statistics.median(spreads)) if spreads else 0.0,
             "per_worker": per_worker, "gateway_probe_workers": sorted({t.worker_id for t in pairs}),
             "delivery_steps_seen": len(spreads), "probe_sizes": asdict(sizes), "probe_output_tokens": PROBE_OUTPUT,
-            "load_average": _loadavg()}
+            "load_average": loadavg()}
 
 
 def prediction_miss_share(items: Sequence[ReplayItem], prompt_for: Callable[[int], str] = prompt_of) -> float:
@@ -326,7 +326,7 @@ def stack_cpu_s(stack: object) -> dict[str, float | None]:
     return cpu
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
@@ -490,7 +490,7 @@ def run(duration_s: float = 60.0, scales: Sequence[float] = (1.0, 2.0, 4.0),
     payload = {"duration_s": duration_s, "scales": list(scales), "repeats": repeats, "tolerance": TOLERANCE,
                "jitter_s": JITTER_S, "jitter_runs": jitter_runs, "cluster": cluster.model_dump(), "table": rows,
                "per_scale": per_scale, "all_within_tolerance": within, "live_wall_s": live_wall,
-               "wall_s": time.perf_counter() - started, "load_average": _loadavg()}
+               "wall_s": time.perf_counter() - started, "load_average": loadavg()}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")
     return payload

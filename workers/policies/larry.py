@@ -51,12 +51,9 @@ class LarryPolicy(SloAwarePolicy):
         """KV tokens the request will hold at its end: what it has, plus a high quantile of what is to come.
         The projected end is re-computed at bucket boundaries (powers of two of the tokens produced), since the
         batch is summed every step."""
-        produced = request.num_output_tokens
-        bucket = produced.bit_length()
-        cached = self._ends.get(request)
-        if cached is None or cached[0] != bucket:
-            cached = self._ends[request] = (bucket, produced + self.remaining_tokens(request, self.quantile))
-        return request.num_prompt_tokens + max(cached[1], produced + 1)
+        end = self.per_bucket(self._ends, request,
+                              lambda r: r.num_output_tokens + self.remaining_tokens(r, self.quantile))
+        return request.num_prompt_tokens + max(end, request.num_output_tokens + 1)
 
     def rank(self, request: Request, now: float) -> tuple:
         """Shortest predicted total first; aging as ``-aging * (now - arrival)``, written statically."""
@@ -77,8 +74,6 @@ class LarryPolicy(SloAwarePolicy):
         """Join only while the projection stays under the watermark; an empty batch always takes one."""
         need = self.need(request)
         if self.projected > 0 and self.projected + need > self.high:
-            return False
-        if not super().admit(request, now, running):
             return False
         self.projected += need
         return True

@@ -42,10 +42,6 @@ def gittins_index(remaining: LengthDistribution, prompt_tokens: int, produced: i
     return best
 
 
-def bucket(produced: int) -> int:
-    return produced.bit_length()
-
-
 @register
 class SagePolicy(SloAwarePolicy):
     name = "sage"
@@ -56,13 +52,8 @@ class SagePolicy(SloAwarePolicy):
         self._index: WeakKeyDictionary[Request, tuple[int, float]] = WeakKeyDictionary()
 
     def index(self, request: Request) -> float:
-        produced = request.num_output_tokens
-        cached = self._index.get(request)
-        if cached is not None and cached[0] == bucket(produced):
-            return cached[1]
-        value = gittins_index(self.distribution(request).remaining(produced), request.num_prompt_tokens, produced)
-        self._index[request] = (bucket(produced), value)
-        return value
+        return self.per_bucket(self._index, request, lambda r: gittins_index(
+            self.distribution(r).remaining(r.num_output_tokens), r.num_prompt_tokens, r.num_output_tokens))
 
     def rank(self, request: Request, now: float) -> tuple:
         return (self.index(request), request.arrival_time)

@@ -39,8 +39,7 @@ class SloAwarePolicy(EnginePolicy):
     DEFAULT_CONTEXT = 512
 
     def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 8,
-                 max_preemptions: int = 1, step_target_s: float = 0.0, late_slots: int = 1 << 30,
-                 prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None,
+                 max_preemptions: int = 1, prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None,
                  refuse_sheddable: bool = False) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
@@ -50,11 +49,7 @@ class SloAwarePolicy(EnginePolicy):
         self.optimism = optimism
         self.window = window                   # waiting requests re-checked per step
         self.max_preemptions = max_preemptions  # a request is preempted for triage at most this often
-        self.step_target_s = step_target_s      # > 0: cap the batch where a decode step would take longer
         self.prefill_chunk = prefill_chunk      # > 0: prefill tokens a step may add to its decodes
-        self.late_slots = late_slots            # late requests the batch may hold at once
-        self._late_running: int | None = None
-        self._running: Sequence[Request] = ()
         self._steps = 0
         self.recheck_steps = 16
         self._optimistic: WeakKeyDictionary[Request, tuple[int, float]] = WeakKeyDictionary()
@@ -96,8 +91,16 @@ class SloAwarePolicy(EnginePolicy):
         pending = request.num_pending_tokens
         return now + (self.latency.prefill_time(pending) if pending > 1 else 0.0) + self.step_s
 
-    def finish_at(self, request: Request, now: float, quantile: float = 0.5) -> float:
-        return self.next_token_at(request, now) + (self.remaining_tokens(request, quantile) - 1) * self.step_s
+    @staticmethod
+    def per_bucket(cache: "WeakKeyDictionary[Request, tuple[int, float]]", request: Request,
+                   compute: Callable[[Request], float]) -> float:
+        """``compute(request)``, kept in ``cache`` and computed again only when the tokens the request has
+        produced cross a power of two (its remaining distribution moves slowly; the batch is read every step)."""
+        bucket = request.num_output_tokens.bit_length()
+        cached = cache.get(request)
+        if cached is None or cached[0] != bucket:
+            cached = cache[request] = (bucket, compute(request))
+        return cached[1]
 
     def optimistic_tokens(self, request: Request) -> float:
         """``remaining_tokens`` at the ``optimism`` quantile, cached while the request produces nothing new."""
@@ -133,8 +136,6 @@ class SloAwarePolicy(EnginePolicy):
         self.estimate_step(running)
         if self.prefill_chunk > 0:
             self.max_batched_tokens = len(running) + self.prefill_chunk
-        self._late_running = None               # counted when something may join (admit), not every step
-        self._running = running
         self._steps += 1
         if self.triage and self._steps % self.recheck_steps == 0:
             # running requests that fell behind, flagged every few steps (their forecast moves slowly)
@@ -150,19 +151,6 @@ class SloAwarePolicy(EnginePolicy):
         if shape != self._shape:
             self._shape = shape
             self.step_s = self.latency.decode_time(batch, context)
-            if self.step_target_s > 0:
-                self.max_running = self.batch_cap(context, self.step_target_s)
-
-    def batch_cap(self, context: int, step_s: float) -> int:
-        """The largest batch whose decode step at ``context`` tokens stays within ``step_s`` (at least 1)."""
-        lo, hi = 1, 1024
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.latency.decode_time(mid, context) <= step_s:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
     def triage_waiting(self, now: float, waiting: list[Request]) -> None:
         """Move the head's newly late requests behind the feasible ones, keeping ``waiting`` sorted by key."""
@@ -185,17 +173,6 @@ class SloAwarePolicy(EnginePolicy):
                 moved.append(waiting.pop(i))
         for request in moved:
             bisect.insort_right(waiting, request, key=lambda r: self.key(r, now))
-
-    def admit(self, request: Request, now: float, running: Sequence[Request]) -> bool:
-        """A late request joins only while fewer than ``late_slots`` late ones run."""
-        if request not in self.late:
-            return True
-        if self._late_running is None:
-            self._late_running = sum(1 for r in self._running if r in self.late)
-        if self._late_running >= self.late_slots:
-            return False
-        self._late_running += 1
-        return True
 
     def take_refused(self) -> list[Request]:
         refused, self._refused = self._refused, []
