@@ -4,8 +4,9 @@ overload than plain ``fcfs`` engines on a real local stack, as the simulator say
 ``python -m bench.live_slo`` (or ``tandem bench live-slo``) runs three CPU torch workers (a tiny random Llama
 checkpoint, ``bench.engine.bench_checkpoint``: 256 hidden, 4 layers, 2,048-token window; one intra-op thread each,
 so three workers share a small machine predictably) behind the gateway, balancer and profiler of
-``tandem.launcher.LocalStack``, and compares three pairs, ``token_aware/sage`` (engine options at their defaults)
-against ``token_aware/fcfs`` and ``llmd/fcfs``, each on a fresh stack, on the same requests at one overload level.
+``tandem.launcher.LocalStack``, and compares four pairs, ``token_aware/sage`` (engine options at their defaults)
+against ``token_aware/fcfs``, ``llmd/fcfs`` and the floor ``round_robin/fcfs``, each on a fresh stack, on the
+same requests at one overload level.
 
 Workload (our own, seeded, the same items for every pair and for the simulator): Poisson arrivals at ``rate``
 requests/s for ``duration`` seconds; each request is an Azure conversation request (class ``interactive``) or an
@@ -106,7 +107,7 @@ from services.profiles import ProfiledLatency, from_profile
 from services.rpc import profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.slo import DEFAULT_SLO_CLASSES, SloClass
 
-PAIRS = ("token_aware/sage", "token_aware/fcfs", "llmd/fcfs")
+PAIRS = ("token_aware/sage", "token_aware/fcfs", "llmd/fcfs", "round_robin/fcfs")   # with the peer and the floor
 OURS = "token_aware/sage"
 LIGHT_PAIR = "token_aware/fcfs"
 TARGET_SCALE = 0.5                     # the default classes' targets times this, for CPU workers
