@@ -55,7 +55,8 @@ class GlobalQueue:
         self.waiters: list[Waiter] = []
         self.vtc: dict[str, float] = {}
         self._seq = itertools.count()
-        self.shed = 0
+        self.shed = 0               # refused (RESOURCE_EXHAUSTED), evicted ones included
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self.waiters)
@@ -84,6 +85,7 @@ class GlobalQueue:
             self.remove(victim)
             evicted.append(victim)
             self.shed += 1
+            self.evicted += 1
         self._activate(request.tenant)
         waiter = Waiter(request, exclude, deadline, next(self._seq), future)
         self.waiters.append(waiter)
@@ -170,7 +172,8 @@ def bind(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: Route
     """Pick a worker for ``r`` and count it there: in-flight work, promised KV, and the tenant's VTC."""
     choice = policy.route(r, candidates)
     need = kv_tokens_needed(r)
-    registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need, r.prompt_tokens))
+    registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need, r.prompt_tokens,
+                                              r.gateway_id))
     queue.charge(r.tenant, need)
     return choice
 

@@ -61,6 +61,7 @@ class Assignment:
     work_s: float
     tokens: int
     prompt_tokens: int
+    gateway_id: str = ""        # released with the gateway's lease if the gateway dies before releasing it
 
 
 LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens",
@@ -75,6 +76,7 @@ class Registry:
         self.timeout_s = timeout_s
         self.workers: dict[str, WorkerState] = {}
         self.assignments: dict[str, Assignment] = {}
+        self.leases: dict[str, float] = {}          # gateway id -> when it last renewed (or routed)
 
     def register(self, worker_id: str, **info: object) -> WorkerState:
         old = self.workers.get(worker_id)
@@ -129,10 +131,34 @@ class Registry:
             return
         self.release(request_id)          # a retried request replaces its earlier assignment
         self.assignments[request_id] = assignment
+        if assignment.gateway_id:
+            self.leases[assignment.gateway_id] = self.clock()
         state.outstanding += 1
         state.assigned_work_s += assignment.work_s
         state.assigned_tokens += assignment.tokens
         state.routed_since_report += assignment.prompt_tokens
+
+    def renew(self, gateway_id: str) -> int:
+        """A gateway says it is alive; returns how many of its requests still count against workers."""
+        self.leases[gateway_id] = self.clock()
+        return sum(1 for a in self.assignments.values() if a.gateway_id == gateway_id)
+
+    def expire_leases(self, lease_s: float) -> int:
+        """Release the bindings of gateways silent for longer than ``lease_s`` (they died without releasing:
+        their requests ended with them). Returns how many were released."""
+        now = self.clock()
+        lapsed = {g for g, seen in self.leases.items() if now - seen > lease_s}
+        if not lapsed:
+            return 0
+        orphans = [rid for rid, a in self.assignments.items() if a.gateway_id in lapsed]
+        for rid in orphans:
+            self.release(rid)
+        for gateway_id in lapsed:
+            del self.leases[gateway_id]
+        if orphans:
+            log.warning("gateway lease lapsed; released its requests",
+                        extra={"fields": {"gateways": sorted(lapsed), "released": len(orphans)}})
+        return len(orphans)
 
     def release(self, request_id: str) -> None:
         assignment = self.assignments.pop(request_id, None)

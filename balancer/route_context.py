@@ -20,3 +20,4 @@ class RouteContext:
     sheddable: bool = False
     prefix_hashes: tuple[int, ...] = ()
     predicted_lengths: tuple[float, ...] = ()   # the whole predicted distribution, at the predictor's quantiles
+    gateway_id: str = ""                 # the gateway whose lease the binding lives under; "" none

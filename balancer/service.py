@@ -16,8 +16,10 @@ from balancer.routing import make_policy
 from services import settings as settings_mod
 from services import profiles
 from services.rpc import balancer_pb2, balancer_pb2_grpc
+from services.metrics import ServiceMetrics
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
+from services.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +35,24 @@ def worker_status(state: WorkerState, now: float) -> balancer_pb2.WorkerStatus:
 
 class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
     def __init__(self, cfg: settings_mod.BalancerSettings, telemetry: Telemetry,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tls: Tls | None = None) -> None:
         """``clock`` is injected so a test can drive the servicer on virtual time."""
         self.cfg = cfg
+        self.tls = tls
         self.tracer = telemetry.tracer
         self.clock = clock
         self.registry = Registry(clock, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy, **cfg.routing_options)
         self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at, cfg.queue_order, clock)
         self._background: set[asyncio.Task] = set()
+        self.lease_released = 0
+        self.routed: dict[str, int] = {}          # requests bound per worker since start
 
     async def reap(self) -> None:
         """Take silent workers out of rotation and bind queued requests; runs for the life of the service."""
         while True:
             self.registry.expire()
+            self.lease_released += self.registry.expire_leases(self.cfg.gateway_lease_s)
             self._dispatch()
             await asyncio.sleep(min(0.05, self.cfg.worker_timeout_s / 4))
 
@@ -66,7 +72,8 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
     async def _learn_capacity(self, state: WorkerState) -> None:
         """Ask the Profiler how fast this worker is; off the registration path, best effort."""
         try:
-            profile = await profiles.fetch(self.cfg.profiler_address, state.model, state.gpu_type, state.executor)
+            profile = await profiles.fetch(self.cfg.profiler_address, state.model, state.gpu_type, state.executor,
+                                           tls=self.tls)
         except grpc.aio.AioRpcError as e:
             log.warning("no profile for worker", extra={"fields": {"worker_id": state.worker_id, "code": e.code().name}})
             return
@@ -121,6 +128,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                 await self._shed(context, str(e))
             choice = admission.worker or await self._wait_in_queue(admission, r, context, span)
             span.set_attributes({"tandem.worker_id": choice.worker_id, "tandem.gpu_type": choice.gpu_type})
+            self.routed[choice.worker_id] = self.routed.get(choice.worker_id, 0) + 1
             return balancer_pb2.RouteResponse(worker_id=choice.worker_id, address=choice.address)
 
     async def _wait_in_queue(self, admission: Admission, r: RouteContext, context: grpc.aio.ServicerContext,
@@ -169,7 +177,40 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         workers = sorted(self.registry.workers.values(), key=lambda s: s.worker_id)
         return balancer_pb2.ListWorkersResponse(workers=[worker_status(s, now) for s in workers],
                                                 routing_policy=self.cfg.routing_policy, queue_length=len(self.queue),
-                                                queue_limit=self.queue.limit, shed_total=self.queue.shed)
+                                                queue_limit=self.queue.limit, shed_total=self.queue.shed,
+                                                evicted_total=self.queue.evicted,
+                                                lease_released_total=self.lease_released)
+
+    async def RenewLease(self, request: balancer_pb2.RenewLeaseRequest, context: grpc.aio.ServicerContext
+                         ) -> balancer_pb2.RenewLeaseResponse:
+        if not request.gateway_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "gateway_id is required")
+        bindings = self.registry.renew(request.gateway_id)
+        return balancer_pb2.RenewLeaseResponse(lease_s=self.cfg.gateway_lease_s, bindings=bindings)
+
+
+def expose_metrics(servicer: BalancerServicer, metrics: ServiceMetrics) -> None:
+    """The balancer's state for Prometheus, read at each scrape."""
+    def per_worker(field: str) -> list[tuple[float, dict[str, str]]]:
+        return [(getattr(s, field), {"worker_id": w}) for w, s in sorted(servicer.registry.workers.items())]
+
+    metrics.gauges("tandem_balancer_queue_length", "requests waiting at the balancer for a worker with room",
+                   lambda: [(len(servicer.queue), {})])
+    metrics.gauges("tandem_balancer_workers", "workers registered, by state",
+                   lambda: [(sum(1 for s in servicer.registry.workers.values() if s.draining == d),
+                             {"state": "draining" if d else "serving"}) for d in (False, True)])
+    metrics.gauges("tandem_balancer_outstanding", "requests routed to a worker and not yet released",
+                   lambda: per_worker("outstanding"))
+    metrics.gauges("tandem_balancer_assigned_work", "predicted worker-seconds of the outstanding requests",
+                   lambda: per_worker("assigned_work_s"), unit="s")
+    metrics.counters("tandem_balancer_routed", "requests bound to each worker",
+                     lambda: [(n, {"worker_id": w}) for w, n in sorted(servicer.routed.items())])
+    metrics.counters("tandem_balancer_shed", "requests refused with RESOURCE_EXHAUSTED (evicted ones included)",
+                     lambda: [(servicer.queue.shed, {})])
+    metrics.counters("tandem_balancer_evicted", "queued sheddable requests pushed out by more important ones",
+                     lambda: [(servicer.queue.evicted, {})])
+    metrics.counters("tandem_balancer_lease_released", "bindings released because their gateway's lease lapsed",
+                     lambda: [(servicer.lease_released, {})])
 
 
 def route_context(request: balancer_pb2.RouteRequest) -> RouteContext:
@@ -181,7 +222,7 @@ def route_context(request: balancer_pb2.RouteRequest) -> RouteContext:
         max_tokens=request.max_tokens, predicted_output=lengths[len(lengths) // 2] if lengths else 0.0,
         priority=request.priority, tenant=request.tenant, ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
         e2e_ms=slo.e2e_ms, sheddable=request.sheddable or slo.sheddable, prefix_hashes=tuple(request.prefix_hashes),
-        predicted_lengths=tuple(lengths))
+        predicted_lengths=tuple(lengths), gateway_id=request.gateway_id)
 
 
 def main(argv: Sequence[str] = ()) -> None:
@@ -189,7 +230,8 @@ def main(argv: Sequence[str] = ()) -> None:
 
     async def build() -> ServiceHost:
         host = ServiceHost("balancer", cfg)
-        servicer = BalancerServicer(cfg, host.telemetry)
+        servicer = BalancerServicer(cfg, host.telemetry, tls=host.tls)
+        expose_metrics(servicer, host.metrics)
         host.add_service(balancer_pb2_grpc.add_BalancerServicer_to_server, servicer,
                          balancer_pb2.DESCRIPTOR.services_by_name["Balancer"].full_name)
         reaper: list[asyncio.Task] = []

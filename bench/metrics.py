@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from services.slo import SloClass
+from services.slo import SloClass, met as targets_met
 
 
 @dataclass
@@ -52,11 +52,8 @@ def e2e(r: RequestRecord) -> float | None:
 def slo_met(r: RequestRecord) -> bool:
     if not r.ok or not r.token_times:
         return False
-    if r.slo.e2e_ms:
-        return e2e(r) * 1000 <= r.slo.e2e_ms
-    first_ok = ttft(r) * 1000 <= r.slo.ttft_ms
     gaps = tpot(r)
-    return first_ok and (gaps is None or not r.slo.tpot_ms or gaps * 1000 <= r.slo.tpot_ms)
+    return targets_met(r.slo, ttft(r) * 1000, None if gaps is None else gaps * 1000, e2e(r) * 1000)
 
 
 def satisfaction(r: RequestRecord) -> float:

@@ -19,6 +19,8 @@ from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from gateway.auth import AuthError, authenticate
+from gateway.local_call import CallFailed
+from gateway.metrics import GatewayMetrics
 from services import rpc
 from services import settings as settings_mod
 from services.rpc import (balancer_pb2, balancer_pb2_grpc, common_pb2, gateway_pb2, gateway_pb2_grpc, profiler_pb2,
@@ -90,16 +92,40 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.cfg = cfg
         self.telemetry = host.telemetry
         self.tracer = host.telemetry.tracer
-        self._balancer_channel = rpc.channel(cfg.balancer_address)
+        self.tls = host.tls
+        self._balancer_channel = rpc.channel(cfg.balancer_address, self.tls)
         self.balancer = balancer_pb2_grpc.BalancerStub(self._balancer_channel)
-        self.profiler = (profiler_pb2_grpc.ProfilerStub(rpc.channel(cfg.profiler_address))
+        self.profiler = (profiler_pb2_grpc.ProfilerStub(rpc.channel(cfg.profiler_address, self.tls))
                          if cfg.profiler_address else None)
         self._workers: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self._predictions: dict[tuple[str, int, int, str], tuple[float, common_pb2.LengthPrediction]] = {}
         self._background: set[asyncio.Task] = set()
+        self.metrics = GatewayMetrics(host.metrics.meter)
+        self.gateway_id = cfg.gateway_id or f"gateway-{uuid.uuid4().hex[:12]}"
 
     # ----- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        """Serve one request and count how it ended (the status a client sees, by class)."""
+        slo_class = request.slo_class or DEFAULT_CLASS
+        code = "UNKNOWN"
+        self.metrics.in_flight.add(1)
+        try:
+            await self._generate(request, context)
+            code = "OK"
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except CallFailed as e:
+            code = e.code.name
+            raise
+        except grpc.aio.AbortError:
+            code = getattr(context.code(), "name", "UNKNOWN")
+            raise
+        finally:
+            self.metrics.in_flight.add(-1)
+            self.metrics.ended(slo_class if slo_class in self.cfg.slo_classes else "unknown", code)
+
+    async def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         relay = Relay(time.perf_counter())
         slo_class = request.slo_class or DEFAULT_CLASS
         try:
@@ -136,7 +162,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                                               predicted_length=worker_request.predicted_length,
                                               prompt_tokens_estimate=prompt_tokens_estimate(request.prompt),
                                               slo=worker_request.slo, sheddable=slo.sheddable,
-                                              prefix_hashes=prefix_hashes(request.prompt))
+                                              prefix_hashes=prefix_hashes(request.prompt), gateway_id=self.gateway_id)
             await self._run(worker_request, route, relay, context, span)
 
     async def ClusterStatus(self, request: gateway_pb2.ClusterStatusRequest, context: grpc.aio.ServicerContext
@@ -148,6 +174,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.ClusterStatusResponse(workers=listing.workers, routing_policy=listing.routing_policy,
                                                  queue_length=listing.queue_length, queue_limit=listing.queue_limit,
                                                  shed_total=listing.shed_total)
+
+    async def keep_lease(self) -> None:
+        """Renew this gateway's lease at the balancer for the life of the process: if the process dies, the
+        balancer stops counting its requests against their workers once the lease lapses."""
+        interval = 1.0
+        while True:
+            try:
+                reply = await self.balancer.RenewLease(balancer_pb2.RenewLeaseRequest(gateway_id=self.gateway_id),
+                                                       timeout=2)
+                interval = max(0.05, reply.lease_s / 3)
+            except grpc.aio.AioRpcError as e:
+                log.debug("lease renewal failed", extra={"fields": {"code": e.code().name}})
+                interval = min(interval, 1.0)
+            await asyncio.sleep(interval)
 
     # ----- the request's way -------------------------------------------------------------------------
     def _validate(self, request: gateway_pb2.GenerateRequest, slo_class: str) -> None:
@@ -236,6 +276,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     reply.request_id = worker_request.request_id
                     reply.metrics.CopyFrom(relay.metrics(chunk.metrics))
                     self._record(worker_request, reply.metrics, chunk.finish_reason)
+                    slo = worker_request.slo
+                    self.metrics.answered(slo.slo_class, SloClass(ttft_ms=slo.ttft_ms, tpot_ms=slo.tpot_ms,
+                                                                  e2e_ms=slo.e2e_ms), reply.metrics,
+                                          failed_over=bool(route.exclude_workers))
                 await context.write(reply)
         except grpc.aio.AioRpcError as e:
             trailing = dict(e.trailing_metadata() or ())
@@ -248,6 +292,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                             extra={"fields": {"worker_id": choice.worker_id, "request_id": worker_request.request_id,
                                               "code": e.code().name}})
                 route.exclude_workers.append(choice.worker_id)
+                self.metrics.retries.add(1, {"slo_class": worker_request.slo.slo_class})
                 raise WorkerFailedEarly(choice.worker_id, e) from None
             if relay.tokens_sent == 0:
                 await context.abort(e.code(), e.details() or e.code().name)
@@ -263,7 +308,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._workers.get(address)
         if stub is None:
-            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address))
+            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address, self.tls))
         return stub
 
     def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics,
@@ -296,8 +341,26 @@ def main(argv: Sequence[str] = ()) -> None:
 
     async def build() -> ServiceHost:
         host = ServiceHost("gateway", cfg)
-        host.add_service(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(cfg, host),
+        servicer = GatewayServicer(cfg, host)
+        host.add_service(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer,
                          gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name)
+        lease: list[asyncio.Task] = []
+
+        async def start_lease() -> None:      # ends with the event loop
+            lease.append(asyncio.create_task(servicer.keep_lease()))
+
+        host.on_start(start_lease)
+        if cfg.http_port >= 0:     # the OpenAI-compatible front, on the same request path
+            from gateway.openai_http import HttpFront
+
+            front = HttpFront(servicer.Generate, cfg)
+
+            async def start_http() -> None:
+                await front.start()
+                host.announce("openai", f"{front.url}/v1")
+
+            host.on_start(start_http)
+            host.on_drain(front.stop)
         return host
 
     run_service(build)

@@ -16,12 +16,17 @@ from services.profiles import datasheet_profile
 from profiler.store import ProfileStore
 from services.rpc import common_pb2, profiler_pb2, profiler_pb2_grpc, worker_pb2, worker_pb2_grpc
 from services.server import ServiceHost, run_service
+from services.tls import Tls
 
 
 class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
-    def __init__(self, store: ProfileStore) -> None:
+    def __init__(self, store: ProfileStore, tls: Tls | None = None) -> None:
         self.store = store
+        self.tls = tls
         self.predictor = LengthPredictor()
+        self.predictions: dict[str, int] = {}      # by source (prior, learned, ...)
+        self.completions = 0
+        self.calibrations = 0
 
     async def GetProfile(self, request: profiler_pb2.GetProfileRequest, context: grpc.aio.ServicerContext
                          ) -> profiler_pb2.LatencyProfile:
@@ -37,7 +42,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
     async def Calibrate(self, request: profiler_pb2.CalibrateRequest, context: grpc.aio.ServicerContext
                         ) -> profiler_pb2.CalibrateResponse:
         try:
-            async with rpc.channel(request.worker_address) as channel:
+            async with rpc.channel(request.worker_address, self.tls) as channel:
                 worker = worker_pb2_grpc.WorkerStub(channel)
                 stats = await worker.GetStats(worker_pb2.GetStatsRequest(), timeout=5)
                 kv_tokens = stats.kv_blocks_total * stats.block_size
@@ -60,6 +65,7 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
         profile.prefill_a0, profile.prefill_a1, profile.prefill_a2 = fitted.a0 * 1000, fitted.a1 * 1000, fitted.a2 * 1000
         profile.decode_c0, profile.decode_c1, profile.decode_c2 = fitted.c0 * 1000, fitted.c1 * 1000, fitted.c2 * 1000
         self.store.put(profile)
+        self.calibrations += 1
         return profiler_pb2.CalibrateResponse(profile=profile, probes=len(probes),
                                               prefill_median_error=prefill_error, decode_median_error=decode_error)
 
@@ -73,10 +79,12 @@ class ProfilerServicer(profiler_pb2_grpc.ProfilerServicer):
                             ) -> common_pb2.LengthPrediction:
         lengths, source = self.predictor.predict(request.slo_class, request.prompt_tokens, request.prompt_feature,
                                                  request.max_tokens)
+        self.predictions[source] = self.predictions.get(source, 0) + 1
         return common_pb2.LengthPrediction(quantiles=priors.QUANTILES, lengths=lengths, source=source)
 
     async def RecordCompletion(self, request: profiler_pb2.CompletionRecord, context: grpc.aio.ServicerContext
                                ) -> profiler_pb2.RecordCompletionResponse:
+        self.completions += 1
         if request.finish_reason in ("stop", "length"):   # an aborted answer says nothing about its length
             self.predictor.observe(request.slo_class, request.prompt_tokens_estimate or request.metrics.prompt_tokens,
                                    request.prompt_feature, request.metrics.completion_tokens)
@@ -88,8 +96,17 @@ def main(argv: Sequence[str] = ()) -> None:
 
     async def build() -> ServiceHost:
         host = ServiceHost("profiler", cfg)
-        host.add_service(profiler_pb2_grpc.add_ProfilerServicer_to_server, ProfilerServicer(ProfileStore(cfg.db_path)),
+        servicer = ProfilerServicer(ProfileStore(cfg.db_path), host.tls)
+        host.add_service(profiler_pb2_grpc.add_ProfilerServicer_to_server, servicer,
                          profiler_pb2.DESCRIPTOR.services_by_name["Profiler"].full_name)
+        m = host.metrics
+        m.counters("tandem_profiler_predictions", "length predictions served, by where they came from",
+                   lambda: [(n, {"source": s or "unknown"}) for s, n in sorted(servicer.predictions.items())])
+        m.counters("tandem_profiler_completions", "finished requests recorded for the length predictor",
+                   lambda: [(servicer.completions, {})])
+        m.counters("tandem_profiler_calibrations", "workers calibrated", lambda: [(servicer.calibrations, {})])
+        m.gauges("tandem_profiler_profiles", "calibrated latency profiles stored",
+                 lambda: [(len(servicer.store.all()), {})])
         return host
 
     run_service(build)

@@ -11,6 +11,7 @@ from services.catalog import gpu, model
 from services.fit import FittedLatency
 from services.latency import DEFAULT_MBU, DEFAULT_MFU, DEFAULT_OVERHEAD_S, BatchShape, LatencyModel
 from services.rpc import profiler_pb2, profiler_pb2_grpc
+from services.tls import Tls
 
 
 def datasheet_profile(model_name: str, gpu_type: str, executor: str = "sim") -> profiler_pb2.LatencyProfile:
@@ -35,10 +36,10 @@ def latency_model(profile: profiler_pb2.LatencyProfile) -> LatencyModel:
                         fitted=fitted)
 
 
-async def fetch(address: str, model_name: str, gpu_type: str, executor: str, attempts: int = 10
-                ) -> profiler_pb2.LatencyProfile | None:
+async def fetch(address: str, model_name: str, gpu_type: str, executor: str, attempts: int = 10,
+                tls: Tls | None = None) -> profiler_pb2.LatencyProfile | None:
     """The Profiler's profile, retried while it starts up; None when it has none for this triple."""
-    async with rpc.channel(address) as channel:
+    async with rpc.channel(address, tls) as channel:
         stub = profiler_pb2_grpc.ProfilerStub(channel)
         async for attempt in AsyncRetrying(wait=wait_exponential(multiplier=0.05, max=0.5),
                                            stop=stop_after_attempt(attempts), reraise=True,

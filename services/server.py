@@ -20,8 +20,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from services import logs
+from services.metrics import ServiceMetrics
 from services.settings import ServiceSettings
 from services.telemetry import Telemetry
+from services.tls import Tls, TlsError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,11 @@ class ServiceHost:
         self.name = name
         self.settings = settings
         self.telemetry = Telemetry(name)
+        try:
+            self.tls = Tls.from_settings(settings)
+        except TlsError as e:
+            raise SystemExit(f"{name}: {e}") from None
+        self.metrics = ServiceMetrics(name, settings.host, settings.metrics_port)
         # no SO_REUSEPORT: a port already taken must fail loudly, not be shared with a stale server
         self.server = grpc.aio.server(interceptors=[self.telemetry.server_interceptor()],
                                       options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)])
@@ -64,9 +71,17 @@ class ServiceHost:
     def on_drain(self, hook: Hook) -> None:
         self._drain_hooks.append(hook)
 
+    def announce(self, kind: str, url: str) -> None:
+        """Tell launchers about another endpoint of this service (``ENDPOINT <service> <kind> <url>``)."""
+        log.info("endpoint", extra={"fields": {"kind": kind, "url": url}})
+        print(f"ENDPOINT {self.name} {kind} {url}", flush=True)
+
     def bind(self) -> int:
         """Listen before start, so services can learn their own address (workers advertise it)."""
-        self.port = self.server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        address = f"{self.settings.host}:{self.settings.port}"
+        credentials = self.tls.server_credentials() if self.tls is not None else None
+        self.port = (self.server.add_secure_port(address, credentials) if credentials is not None
+                     else self.server.add_insecure_port(address))
         if self.port == 0:
             raise SystemExit(f"{self.name}: cannot listen on {self.settings.host}:{self.settings.port}")
         return self.port
@@ -86,6 +101,8 @@ class ServiceHost:
             await hook()
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.metrics.url:
+            self.announce("metrics", self.metrics.url)
         log.info("listening", extra={"fields": {"address": self.address}})
         print(f"READY {self.name} {self.address}", flush=True)
         await self._stop.wait()
@@ -98,6 +115,7 @@ class ServiceHost:
                 log.exception("drain hook failed")
         await self.server.stop(self.settings.drain_grace_s)
         self.telemetry.shutdown()
+        self.metrics.shutdown()
         log.info("stopped")
 
 

@@ -22,6 +22,15 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     drain_grace_s: float = Field(10.0, ge=0, description="on SIGTERM, how long open streams may finish")
     max_message_bytes: int = Field(16 * 1024 * 1024, gt=0, description="gRPC receive limit")
+    metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus /metrics over HTTP on this port; "
+                              "0 picks a free one, -1 turns it off")
+    tls_cert: str = Field("", description="PEM certificate: served on this service's port, and presented as the "
+                          "client certificate on calls to other services")
+    tls_key: str = Field("", description="PEM private key of tls_cert")
+    tls_ca: str = Field("", description="PEM CA bundle: verifies the services this one calls and, with "
+                        "tls_client_auth, the clients that call it")
+    tls_client_auth: bool = Field(True, description="with tls_ca: callers must present a certificate it signed "
+                                  "(mutual TLS)")
 
 
 class ProfilerSettings(ServiceSettings):
@@ -36,6 +45,8 @@ class BalancerSettings(ServiceSettings):
     profiler_address: str = ""
     queue_limit: int = Field(512, gt=0, description="requests that may wait at the balancer for a worker")
     shed_at: float = Field(0.5, ge=0, le=1, description="queue share above which sheddable requests are refused")
+    gateway_lease_s: float = Field(10.0, gt=0, description="a gateway silent this long loses its in-flight "
+                                   "bindings (it renews every third of it)")
     queue_order: Literal["fair", "slack"] = Field("fair", description="fair: priority, tenant VTC, deadline; slack: "
                                                   "priority, then lost causes behind those that can make it")
 
@@ -75,6 +86,14 @@ class GatewaySettings(ServiceSettings):
     predict_timeout_ms: float = Field(20.0, gt=0, description="bound on the length-prediction look-up")
     slo_classes: dict[str, SloClass] = Field(default_factory=lambda: dict(DEFAULT_SLO_CLASSES))
     api_keys: dict[str, str] = Field(default_factory=dict, description="API key -> tenant; empty: open")
+    http_port: int = Field(-1, ge=-1, le=65535, description="OpenAI-compatible HTTP API on this port; "
+                           "0 picks a free one, -1 turns it off")
+    served_model: str = Field("tandem", description="the model name the HTTP API lists and accepts")
+    chat_template: str = Field("", description="a checkpoint folder whose tokenizer's chat template renders "
+                               "chat prompts; empty: a plain role-prefixed transcript")
+    gateway_id: str = Field("", description="names this gateway's lease at the balancer; default: a random id")
+    tls_client_auth: bool = Field(False, description="with tls_ca: clients must present a certificate (the "
+                                  "public port usually takes any client)")
 
 
 S = TypeVar("S", bound=ServiceSettings)

@@ -33,3 +33,12 @@ def resolve(cls: SloClass, ttft_ms: float = 0.0, tpot_ms: float = 0.0, e2e_ms: f
     itself (non-zero) in place of the class's. One rule for the gateway, replay and the simulator."""
     return SloClass(ttft_ms=ttft_ms or cls.ttft_ms * scale, tpot_ms=tpot_ms or cls.tpot_ms * scale,
                     e2e_ms=e2e_ms or cls.e2e_ms * scale, sheddable=cls.sheddable)
+
+
+def met(slo: SloClass, ttft_ms: float, tpot_ms: float | None, e2e_ms: float) -> bool:
+    """Whether an answer met its targets (DESIGN.md): a class with an E2E target by its last token's time, a
+    TTFT class by its first token and, when it set a pace and there was more than one token, the mean gap
+    after it (``tpot_ms`` None: one token). One rule for the benchmarks and the services' metrics."""
+    if slo.e2e_ms:
+        return e2e_ms <= slo.e2e_ms
+    return ttft_ms <= slo.ttft_ms and (tpot_ms is None or not slo.tpot_ms or tpot_ms <= slo.tpot_ms)

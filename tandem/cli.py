@@ -86,10 +86,14 @@ def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); d
        policy: Optional[str] = typer.Option(None, help="ROUTE/ENGINE policies, e.g. least_outstanding/fcfs"),
        log_dir: Optional[Path] = typer.Option(None, help="where service logs go (default: a temp folder)"),
        executor: Optional[str] = typer.Option(None, help="torch: one worker running --model instead of a cluster"),
-       model: Optional[str] = typer.Option(None, help="with --executor torch: a Hugging Face checkpoint folder")
+       model: Optional[str] = typer.Option(None, help="with --executor torch: a Hugging Face checkpoint folder"),
+       http_port: int = typer.Option(8000, help="the OpenAI-compatible HTTP API's port (0: a free one; -1: off)"),
+       metrics: bool = typer.Option(True, help="every service serves Prometheus /metrics on a free port")
        ) -> None:
     """Start the whole local stack on 127.0.0.1 in the foreground; Ctrl-C or SIGTERM stops it cleanly."""
     stack = _stack(cluster, port, policy, log_dir, executor, model)
+    stack.http_port = http_port if http_port >= 0 else None
+    stack.metrics = metrics
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -100,11 +104,13 @@ def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); d
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(1) from None
     table = Table(title="Tandem stack", show_lines=False)
-    for col in ("service", "address", "pid"):
+    for col in ("service", "address", "pid", "metrics"):
         table.add_column(col)
     for name, proc in stack.processes.items():
-        table.add_row(name, proc.address, str(proc.popen.pid))
+        table.add_row(name, proc.address, str(proc.popen.pid), proc.endpoints().get("metrics", ""))
     console.print(table)
+    if stack.openai_url:
+        console.print(f"OpenAI-compatible API on [bold]{stack.openai_url}[/bold]")
     console.print(f"gateway on [bold]{stack.gateway_address}[/bold]; logs in {stack.log_dir}; Ctrl-C to stop")
     spec = stack.cluster
     console.print(f"restart policy: {spec.restart}" + (f" (at most {spec.restart_limit} times each)"

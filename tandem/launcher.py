@@ -23,6 +23,7 @@ import grpc
 
 from services.cluster import ClusterSpec, WorkerSpec
 from services.rpc import balancer_pb2, balancer_pb2_grpc
+from services.tls import Tls
 
 
 class StackError(RuntimeError):
@@ -41,6 +42,21 @@ class Process:
     restart_at: float | None = None                   # a restart is due then (backing off)
     starting_until: float | None = None               # restarted, not READY yet; given up on after this
 
+    def endpoints(self) -> dict[str, str]:
+        """Other endpoints it announced (``ENDPOINT <service> <kind> <url>``): kind -> URL."""
+        try:
+            lines = self.stdout_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return {}
+        return {parts[2]: parts[3] for line in lines if (parts := line.split()) and parts[0] == "ENDPOINT"
+                and len(parts) == 4}
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
 
 @dataclass(frozen=True)
 class SupervisorEvent:
@@ -49,12 +65,6 @@ class SupervisorEvent:
     name: str
     what: str          # "exited", "restarting", "restarted", "given up"
     detail: str
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
 
 
 @dataclass
@@ -65,6 +75,8 @@ class LocalStack:
     env: dict[str, str] = field(default_factory=dict)
     host: str = "127.0.0.1"
     profiles_db: Path | None = None         # default: beside the logs, so test stacks start uncalibrated
+    http_port: int | None = None            # the gateway's OpenAI-compatible HTTP API (0: a free port); None: off
+    metrics: bool = True                    # every service serves Prometheus /metrics on a free port
     processes: dict[str, Process] = field(default_factory=dict)
 
     # ----- addresses ---------------------------------------------------------------------------------
@@ -82,6 +94,27 @@ class LocalStack:
 
     def worker_address(self, worker_id: str) -> str:
         return self.processes[f"worker-{worker_id}"].address
+
+    @property
+    def openai_url(self) -> str:
+        """Base URL of the OpenAI-compatible API (``.../v1``); "" when it is off."""
+        return self.processes["gateway"].endpoints().get("openai", "")
+
+    @property
+    def tls(self) -> Tls | None:
+        """The stack's TLS, when its environment sets ``TANDEM_TLS_*`` for every service."""
+        env = {**os.environ, **self.env}
+        return Tls.from_paths(env.get("TANDEM_TLS_CERT", ""), env.get("TANDEM_TLS_KEY", ""),
+                              env.get("TANDEM_TLS_CA", ""))
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to one of the stack's services, with the stack's certificate when it has TLS."""
+        credentials = self.tls.channel_credentials() if self.tls is not None else None
+        return grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Each service's Prometheus /metrics URL, by process name."""
+        return {name: url for name, p in self.processes.items() if (url := p.endpoints().get("metrics"))}
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "LocalStack":
@@ -104,6 +137,11 @@ class LocalStack:
                 self.processes[f"worker-{spec.id}"].address = self._ready(f"worker-{spec.id}", deadline)
             gateway_args = ["--port", str(self.gateway_port), "--balancer-address", self.balancer_address,
                             "--profiler-address", self.profiler_address]
+            if self.http_port is not None:
+                gateway_args += ["--http-port", str(self.http_port)]
+                checkpoints = {spec.model for spec in self.cluster.workers if spec.executor != "sim"}
+                if len(checkpoints) == 1:       # chat prompts in the one checkpoint's own template
+                    gateway_args += ["--chat-template", checkpoints.pop()]
             if self.cluster.slo_classes:
                 gateway_args += ["--slo-classes", json.dumps({k: v.model_dump() for k, v in self.cluster.slo_classes.items()})]
             self._launch("gateway", gateway_args, deadline)
@@ -128,7 +166,7 @@ class LocalStack:
 
     def wait_for_workers(self, count: int, timeout: float = 30.0) -> list[balancer_pb2.WorkerStatus]:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.balancer_address) as channel:
+        with self.channel(self.balancer_address) as channel:
             stub = balancer_pb2_grpc.BalancerStub(channel)
             while True:
                 workers = list(stub.ListWorkers(balancer_pb2.ListWorkersRequest(), timeout=5).workers)
@@ -186,11 +224,16 @@ class LocalStack:
     def _respawn(self, process: Process, ready_by: float) -> None:
         """Start ``process`` again with its flags, on the port it had."""
         args = list(process.args)
-        port = process.address.rsplit(":", 1)[-1] if process.address else ""
-        if port and "--port" in args:
-            args[args.index("--port") + 1] = port
-        elif port:
-            args += ["--port", port]
+        ports = {"--port": process.address.rsplit(":", 1)[-1] if process.address else ""}
+        endpoints = process.endpoints()       # its HTTP ports stay too, so printed URLs stay right
+        for flag, kind in (("--http-port", "openai"), ("--metrics-port", "metrics")):
+            if kind in endpoints:
+                ports[flag] = endpoints[kind].split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[-1]
+        for flag, port in ports.items():
+            if port and flag in args:
+                args[args.index(flag) + 1] = port
+            elif port:
+                args += [flag, port]
         restarts = process.restarts + 1
         fresh = self._spawn(process.name, args)
         fresh.args, fresh.address, fresh.restarts, fresh.starting_until = process.args, process.address, restarts, ready_by
@@ -225,7 +268,9 @@ class LocalStack:
         stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.log"
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
-            popen = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host, *args],
+            extra = ["--metrics-port", "0"] if self.metrics and "--metrics-port" not in args else []
+            popen = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host,
+                                      *extra, *args],
                                      stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
         process = self.processes[name] = Process(name, popen, stdout_path, stderr_path, args=list(args))
         return process

@@ -52,6 +52,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 
 def tandem_up(args: list[str], timeout: float = 90.0) -> tuple[subprocess.Popen, str, str]:
     """Run `tandem up ARGS` as a user would; returns the process, the gateway address and what it printed."""
+    if "--http-port" not in args:          # never the default 8000: tests run beside other things
+        args = [*args, "--http-port", "0"]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.cli", "up", *args], stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "COLUMNS": "200"})
     seen: list[str] = []

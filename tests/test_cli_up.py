@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -38,6 +40,12 @@ def test_up_serves_and_sigterm_stops_everything(tmp_path):
         workers = {list(stub.Generate(gateway_pb2.GenerateRequest(prompt="hi", max_tokens=2)))[-1].metrics.worker_id
                    for _ in range(4)}
     assert workers == {"fast", "slow"}                        # round robin from the cluster file
+    metrics = re.findall(r"(http://127\.0\.0\.1:\d+/metrics)", printed)
+    assert len(set(metrics)) == 5, printed                    # every service's /metrics in the table
+    assert "tandem_gateway_requests_total" in urllib.request.urlopen(metrics[-1], timeout=5).read().decode()
+    openai_url = re.search(r"OpenAI-compatible API on (http://\S+/v1)", printed).group(1)
+    models = json.loads(urllib.request.urlopen(f"{openai_url}/models", timeout=5).read())
+    assert [m["id"] for m in models["data"]] == ["tandem"]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert not [p for p in pids if alive(p)]

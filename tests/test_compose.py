@@ -50,16 +50,17 @@ def test_the_schema_check_catches_mistakes(compose):
         validate(broken)
 
 
-def test_stack_has_every_service_three_gpu_types_and_jaeger(compose):
+def test_stack_has_every_service_three_gpu_types_jaeger_and_prometheus(compose):
     services = compose["services"]
-    kinds = {name: svc["command"][1] for name, svc in services.items() if "command" in svc}
+    kinds = {name: svc["command"][1] for name, svc in services.items() if svc.get("command", [None])[0] == "serve"}
     assert set(kinds.values()) == set(SERVICES)
-    workers = [svc for svc in services.values() if svc.get("command", [None, None])[1] == "worker"]
+    workers = [svc for svc in services.values() if svc.get("command", [None])[:2] == ["serve", "worker"]]
     gpus = {svc["command"][svc["command"].index("--gpu-type") + 1] for svc in workers}
     assert len(workers) == 3 and len(gpus) == 3
     assert services["jaeger"]["image"].startswith("jaegertracing/")
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
     for name, svc in services.items():
-        if name != "jaeger":
+        if "command" in svc and svc["command"][0] == "serve":
             assert svc["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4317", name
 
 
@@ -68,7 +69,7 @@ def test_every_service_command_and_environment_loads_as_settings(compose, monkey
     services = compose["services"]
     addresses = {}
     for name, svc in services.items():
-        if "command" not in svc:
+        if svc.get("command", [None])[0] != "serve":
             continue
         kind, argv = svc["command"][1], svc["command"][2:]
         for var in list(__import__("os").environ):
@@ -96,3 +97,27 @@ def test_dockerfile_installs_the_project_and_runs_the_cli():
     assert "pip install ." in text and 'ENTRYPOINT ["tandem"]' in text
     for package in ("services", "gateway", "balancer", "workers", "bench"):
         assert f"COPY {package} {package}" in text
+
+
+def test_prometheus_scrapes_every_service_on_its_metrics_port(compose, monkeypatch):
+    """Prometheus's config lists each Tandem container at the port its settings serve /metrics on."""
+    services = compose["services"]
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {t for job in config["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    mount = services["prometheus"]["volumes"][0].split(":")
+    assert (ROOT / mount[0]).resolve() == (ROOT / "deploy" / "prometheus.yml").resolve()
+    assert mount[1] == "/etc/prometheus/prometheus.yml"
+    for var in list(__import__("os").environ):
+        if var.startswith("TANDEM_"):
+            monkeypatch.delenv(var)
+    expected = set()
+    for name, svc in services.items():
+        if svc.get("command", [None])[0] != "serve":
+            continue
+        with monkeypatch.context() as env:
+            for key, value in svc.get("environment", {}).items():
+                env.setenv(key, str(value))
+            cfg = settings.load(SETTINGS[svc["command"][1]], svc["command"][2:])
+        assert cfg.metrics_port > 0, name
+        expected.add(f"{name}:{cfg.metrics_port}")
+    assert targets == expected

@@ -19,8 +19,10 @@ from services import settings as settings_mod
 from services.rpc import balancer_pb2, balancer_pb2_grpc, common_pb2, worker_pb2
 from services.rpc import worker_pb2_grpc
 from services.engine_traits import REFUSED_KEY
+from services.metrics import STEP_MS_BUCKETS, ServiceMetrics
 from services.server import ServiceHost, run_service
 from services.telemetry import Telemetry
+from services.tls import Tls
 from services.validation import Invalid, check_lengths, check_sampling
 from services import profiles
 from workers.build import build_engine
@@ -63,6 +65,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.tracer = telemetry.tracer
         self.wall = WallTime(clock)
         self._span_contexts: dict[str, SpanContext] = {}
+        self.open_streams = 0
         if telemetry.exporting:
             engine.on_iteration = self._trace_iteration
 
@@ -92,6 +95,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
             self._span_contexts[rid] = span.get_span_context()
             done = False
+            self.open_streams += 1
             try:
                 while not done:
                     chunk = await stream.next_chunk()
@@ -110,6 +114,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         reply.metrics.CopyFrom(self._metrics(engine_request))
                     await context.write(reply)
             finally:
+                self.open_streams -= 1
                 if not done:
                     self.engine.abort(rid)      # the client went away: free the blocks now
                 self._span_contexts.pop(rid, None)
@@ -139,7 +144,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             block_size=s.blocks.block_size, iterations=self.engine.iterations,
             step_time_ms=self.engine.step_time_ms, finished=s.num_finished, aborted=s.num_aborted,
             max_model_len=s.config.max_model_len, engine_policy=self.cfg.engine_policy,
-            max_num_batched_tokens=s.config.max_num_batched_tokens, max_num_seqs=s.config.max_num_seqs)
+            max_num_batched_tokens=s.config.max_num_batched_tokens, max_num_seqs=s.config.max_num_seqs,
+            open_streams=self.open_streams, asyncio_tasks=len(asyncio.all_tasks()))
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> worker_pb2.AbortResponse:
@@ -232,15 +238,47 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         span.end(end_time=self.wall.ns(stats.start + stats.step_time))
 
 
+def expose_metrics(servicer: WorkerServicer, metrics: ServiceMetrics) -> None:
+    """The engine's state for Prometheus: gauges read at each scrape, and every step's time."""
+    engine, labels = servicer.engine, {"worker_id": servicer.cfg.worker_id}
+    s = engine.scheduler
+    for name, description, read in (
+            ("running", "requests in the running batch", lambda: s.num_running),
+            ("waiting", "requests waiting in the engine", lambda: s.num_waiting),
+            ("kv_blocks_used", "KV cache blocks in use", lambda: s.blocks.num_used_blocks),
+            ("kv_blocks_total", "KV cache blocks in all", lambda: s.blocks.num_blocks),
+            ("open_streams", "Generate calls in progress", lambda: servicer.open_streams)):
+        metrics.gauges(f"tandem_worker_{name}", description, lambda read=read: [(read(), labels)])
+    for name, description, read in (
+            ("preemptions", "running requests preempted to make room", lambda: engine.preemptions),
+            ("iterations", "engine steps", lambda: engine.iterations),
+            ("finished", "requests finished", lambda: s.num_finished),
+            ("aborted", "requests aborted (the caller went away)", lambda: s.num_aborted)):
+        metrics.counters(f"tandem_worker_{name}", description, lambda read=read: [(read(), labels)])
+    if not metrics.url:
+        return
+    step = metrics.meter.create_histogram("tandem_worker_step", unit="ms", description="engine step time",
+                                          explicit_bucket_boundaries_advisory=STEP_MS_BUCKETS)
+    previous = engine.on_iteration
+
+    def observe(stats: IterationStats, out: SchedulerOutput) -> None:
+        step.record(stats.step_time * 1000, labels)
+        if previous is not None:
+            previous(stats, out)
+
+    engine.on_iteration = observe
+
+
 class BalancerLink:
     """Registers the worker and streams load reports; re-registers after a balancer restart."""
 
-    def __init__(self, cfg: settings_mod.WorkerSettings, engine: Engine, info: balancer_pb2.WorkerInfo) -> None:
+    def __init__(self, cfg: settings_mod.WorkerSettings, engine: Engine, info: balancer_pb2.WorkerInfo,
+                 tls: Tls | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
         self.info = info
         self._task: asyncio.Task | None = None
-        self._channel = rpc.channel(cfg.balancer_address)
+        self._channel = rpc.channel(cfg.balancer_address, tls)
         self._stub = balancer_pb2_grpc.BalancerStub(self._channel)
 
     def load_report(self) -> balancer_pb2.LoadReport:
@@ -295,19 +333,21 @@ async def build_worker(cfg: settings_mod.WorkerSettings) -> ServiceHost:
     host = ServiceHost("worker", cfg)
     host.bind()
     clock = RealClock()
-    profile = (await profiles.fetch(cfg.profiler_address, cfg.model, cfg.gpu_type, cfg.executor)
+    profile = (await profiles.fetch(cfg.profiler_address, cfg.model, cfg.gpu_type, cfg.executor, tls=host.tls)
                if cfg.profiler_address and cfg.executor == "sim" else None)
     engine = build_engine(cfg, clock, profiles.latency_model(profile) if profile else None)
     if cfg.executor != "sim" and "gpu_type" not in cfg.model_fields_set:
         cfg.gpu_type = device_label(engine.executor)
     cfg.worker_id = cfg.worker_id or f"{cfg.gpu_type.lower().replace(' ', '-')}-{host.port}"
-    host.add_service(worker_pb2_grpc.add_WorkerServicer_to_server, WorkerServicer(cfg, engine, clock, host.telemetry),
+    servicer = WorkerServicer(cfg, engine, clock, host.telemetry)
+    expose_metrics(servicer, host.metrics)
+    host.add_service(worker_pb2_grpc.add_WorkerServicer_to_server, servicer,
                      worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name)
     link = BalancerLink(cfg, engine, balancer_pb2.WorkerInfo(
         worker_id=cfg.worker_id, address=cfg.advertise_address or host.address, model=cfg.model,
         gpu_type=cfg.gpu_type, executor=cfg.executor, max_model_len=engine.scheduler.config.max_model_len,
         kv_blocks_total=engine.scheduler.blocks.num_blocks, block_size=cfg.block_size,
-        engine_policy=cfg.engine_policy, max_num_seqs=cfg.max_num_seqs)) if cfg.balancer_address else None
+        engine_policy=cfg.engine_policy, max_num_seqs=cfg.max_num_seqs), host.tls) if cfg.balancer_address else None
     tasks: list[asyncio.Task] = []
 
     async def start() -> None:

@@ -82,7 +82,7 @@ class DeregisterWorkerResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RouteRequest(_message.Message):
-    __slots__ = ("request_id", "slo_class", "prompt_chars", "max_tokens", "priority", "tenant", "exclude_workers", "predicted_length", "prompt_tokens_estimate", "slo", "prefix_hashes", "sheddable")
+    __slots__ = ("request_id", "slo_class", "prompt_chars", "max_tokens", "priority", "tenant", "exclude_workers", "predicted_length", "prompt_tokens_estimate", "slo", "prefix_hashes", "sheddable", "gateway_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SLO_CLASS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class RouteRequest(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HASHES_FIELD_NUMBER: _ClassVar[int]
     SHEDDABLE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     slo_class: str
     prompt_chars: int
@@ -107,7 +108,8 @@ class RouteRequest(_message.Message):
     slo: _common_pb2.SloSpec
     prefix_hashes: _containers.RepeatedScalarFieldContainer[int]
     sheddable: bool
-    def __init__(self, request_id: _Optional[str] = ..., slo_class: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ..., prompt_tokens_estimate: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SloSpec, _Mapping]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., sheddable: _Optional[bool] = ...) -> None: ...
+    gateway_id: str
+    def __init__(self, request_id: _Optional[str] = ..., slo_class: _Optional[str] = ..., prompt_chars: _Optional[int] = ..., max_tokens: _Optional[int] = ..., priority: _Optional[int] = ..., tenant: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., predicted_length: _Optional[_Union[_common_pb2.LengthPrediction, _Mapping]] = ..., prompt_tokens_estimate: _Optional[int] = ..., slo: _Optional[_Union[_common_pb2.SloSpec, _Mapping]] = ..., prefix_hashes: _Optional[_Iterable[int]] = ..., sheddable: _Optional[bool] = ..., gateway_id: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
     __slots__ = ("worker_id", "address")
@@ -128,6 +130,20 @@ class ReleaseRequest(_message.Message):
 class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("gateway_id",)
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
+
+class RenewLeaseResponse(_message.Message):
+    __slots__ = ("lease_s", "bindings")
+    LEASE_S_FIELD_NUMBER: _ClassVar[int]
+    BINDINGS_FIELD_NUMBER: _ClassVar[int]
+    lease_s: float
+    bindings: int
+    def __init__(self, lease_s: _Optional[float] = ..., bindings: _Optional[int] = ...) -> None: ...
 
 class ListWorkersRequest(_message.Message):
     __slots__ = ()
@@ -152,15 +168,19 @@ class WorkerStatus(_message.Message):
     def __init__(self, info: _Optional[_Union[WorkerInfo, _Mapping]] = ..., load: _Optional[_Union[LoadReport, _Mapping]] = ..., outstanding: _Optional[int] = ..., last_report_age_s: _Optional[float] = ..., state: _Optional[str] = ..., capacity_tok_s: _Optional[float] = ..., profile_source: _Optional[str] = ...) -> None: ...
 
 class ListWorkersResponse(_message.Message):
-    __slots__ = ("workers", "routing_policy", "queue_length", "queue_limit", "shed_total")
+    __slots__ = ("workers", "routing_policy", "queue_length", "queue_limit", "shed_total", "evicted_total", "lease_released_total")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     ROUTING_POLICY_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LIMIT_FIELD_NUMBER: _ClassVar[int]
     SHED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LEASE_RELEASED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     routing_policy: str
     queue_length: int
     queue_limit: int
     shed_total: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., queue_length: _Optional[int] = ..., queue_limit: _Optional[int] = ..., shed_total: _Optional[int] = ...) -> None: ...
+    evicted_total: int
+    lease_released_total: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., routing_policy: _Optional[str] = ..., queue_length: _Optional[int] = ..., queue_limit: _Optional[int] = ..., shed_total: _Optional[int] = ..., evicted_total: _Optional[int] = ..., lease_released_total: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class BalancerStub:
                 request_serializer=tandem_dot_v1_dot_balancer__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_balancer__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/tandem.v1.Balancer/RenewLease',
+                request_serializer=tandem_dot_v1_dot_balancer__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_balancer__pb2.RenewLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class BalancerServicer:
@@ -109,6 +114,14 @@ class BalancerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLease(self, request, context):
+        """A gateway renews its lease every third of it; when a lease lapses (the gateway died), the requests it
+        routed and never released stop counting against their workers.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BalancerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +154,11 @@ def add_BalancerServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=tandem_dot_v1_dot_balancer__pb2.ListWorkersRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_balancer__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=tandem_dot_v1_dot_balancer__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_balancer__pb2.RenewLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -306,6 +324,33 @@ class Balancer:
             '/tandem.v1.Balancer/ListWorkers',
             tandem_dot_v1_dot_balancer__pb2.ListWorkersRequest.SerializeToString,
             tandem_dot_v1_dot_balancer__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Balancer/RenewLease',
+            tandem_dot_v1_dot_balancer__pb2.RenewLeaseRequest.SerializeToString,
+            tandem_dot_v1_dot_balancer__pb2.RenewLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
