@@ -35,6 +35,27 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", max_message_bytes)]
 
 
+#: How many calls gRPC core may hold for us before our loop asks for them, and for how long. A grpc.aio server
+#: asks core for one call at a time (one or two event-loop turns each), so a burst of new streams, or a steady
+#: stream of them while the loop is busy relaying tokens, waits in core's pending queue. Past
+#: ``grpc.server.max_pending_requests`` (default 1000) core drops new calls at random, past its hard limit
+#: (default 3000) all of them, and it drops any call left there longer than
+#: ``grpc.server_max_unrequested_time_in_server`` (default 30 s); a dropped call ends CANCELLED, details
+#: "CANCELLED", before any handler, interceptor or log line of ours runs (issue 10). Overload is ours to answer
+#: with a documented status (RESOURCE_EXHAUSTED with a retry hint), and a client's deadline still ends a call
+#: waiting there (DEADLINE_EXCEEDED), so core's backlog is made too large and too patient ever to decide.
+MAX_PENDING_CALLS = 1 << 16      # bounded all the same: memory under a flood stays finite
+MAX_UNREQUESTED_S = 3600
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [*channel_options(max_message_bytes),
+            ("grpc.so_reuseport", 0),     # a port already taken must fail loudly, not be shared with a stale server
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+            ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_S)]
+
+
 class ServiceHost:
     def __init__(self, name: str, settings: ServiceSettings) -> None:
         logs.setup(name, settings.log_level)
@@ -46,9 +67,8 @@ class ServiceHost:
         except TlsError as e:
             raise SystemExit(f"{name}: {e}") from None
         self.metrics = ServiceMetrics(name, settings.host, settings.metrics_port)
-        # no SO_REUSEPORT: a port already taken must fail loudly, not be shared with a stale server
         self.server = grpc.aio.server(interceptors=[self.telemetry.server_interceptor()],
-                                      options=[*channel_options(settings.max_message_bytes), ("grpc.so_reuseport", 0)])
+                                      options=server_options(settings.max_message_bytes))
         self.health = HealthServicer()
         self._service_names: list[str] = []
         self._start_hooks: list[Hook] = []
