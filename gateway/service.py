@@ -71,6 +71,7 @@ class Relay:
 
     def __init__(self, arrival: float) -> None:
         self.arrival = arrival
+        self.client_request_id = ""       # the id the client knows this request by (replies carry it)
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.tokens_sent = 0
@@ -136,11 +137,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except AuthError as e:
             code = grpc.StatusCode.UNAUTHENTICATED if e.code == "unauthenticated" else grpc.StatusCode.PERMISSION_DENIED
             await context.abort(code, str(e))
-        request_id = request.request_id or uuid.uuid4().hex
+        # Inside the cluster (worker engines, balancer bindings) a request's id must be unique, and a client's
+        # own id need not be: two clients may both send "req-1" at once. A client's id gets a suffix of ours
+        # there; the final reply carries the client's id, the gateway's span both.
+        relay.client_request_id = request.request_id
+        request_id = f"{request.request_id}~{uuid.uuid4().hex[:12]}" if request.request_id else uuid.uuid4().hex
         slo = self._slo(request, slo_class)
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.cfg.default_max_tokens
         with self.telemetry.server_span("gateway.generate", context.invocation_metadata()) as span:
-            span.set_attributes({"tandem.request_id": request_id, "tandem.slo_class": slo_class,
+            span.set_attributes({"tandem.request_id": request_id, "tandem.client_request_id": request.request_id,
+                                 "tandem.slo_class": slo_class,
                                  "tandem.tenant": tenant, "tandem.max_tokens": max_tokens,
                                  "tandem.slo_ttft_ms": slo.ttft_ms, "tandem.slo_tpot_ms": slo.tpot_ms,
                                  "tandem.slo_e2e_ms": slo.e2e_ms})
@@ -247,9 +253,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def _attempt(self, worker_request: worker_pb2.WorkerGenerateRequest, route: balancer_pb2.RouteRequest,
                        relay: Relay, context: grpc.aio.ServicerContext) -> None:
+        routed = False
         try:   # may wait in the balancer's queue until a worker has room
             choice = await self.balancer.Route(route, timeout=context.time_remaining() or self.cfg.queue_wait_s,
                                                metadata=self.telemetry.outgoing_metadata())
+            routed = True
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.UNAVAILABLE and route.exclude_workers:
                 raise WorkerFailedEarly("balancer", e) from None
@@ -257,6 +265,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if hint:
                 context.set_trailing_metadata(tuple(hint))
             await context.abort(e.code(), f"balancer: {e.details()}")
+        finally:
+            # The call ended without an answer (the client cancelled, a deadline passed): the balancer may have
+            # bound the request to a worker all the same, just before. Nobody else would release that binding,
+            # and it would count against the worker for as long as this gateway renews its lease. Releasing an
+            # id that was never bound is a no-op.
+            if not routed:
+                self._spawn(self.balancer.Release(balancer_pb2.ReleaseRequest(request_id=route.request_id),
+                                                  timeout=2))
         relay.worker_id = choice.worker_id
         # the request's SLO clock started at the gateway: routing, the balancer's queue and any earlier
         # attempts count against its targets
@@ -273,7 +289,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 reply = gateway_pb2.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
                 if chunk.finish_reason:
                     reply.finish_reason = chunk.finish_reason
-                    reply.request_id = worker_request.request_id
+                    reply.request_id = relay.client_request_id or worker_request.request_id
                     reply.metrics.CopyFrom(relay.metrics(chunk.metrics))
                     self._record(worker_request, reply.metrics, chunk.finish_reason)
                     slo = worker_request.slo

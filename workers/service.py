@@ -91,8 +91,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 stream = self.engine.add_request(engine_request, request.replay_truth.output_tokens)
             except RuntimeError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.cfg.worker_id}: {e}")
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {e}")
+            except ValueError as e:      # a duplicate id (another request in flight here has it) or a long prompt
+                field = "request_id" if "duplicate request id" in str(e) else "prompt"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {e}")
             self._span_contexts[rid] = span.get_span_context()
             done = False
             self.open_streams += 1
