@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
+from balancer.admission import AdmissionControl
 from balancer.estimate import kv_tokens_needed, work_seconds
 from balancer.registry import Assignment, Registry, WorkerState
 from balancer.route_context import RouteContext
@@ -25,7 +26,12 @@ QUEUE_ORDERS = ("fair", "slack")
 
 
 class QueueFull(Exception):
-    pass
+    """Refused (RESOURCE_EXHAUSTED): the queue is full, or admission control said no (``retry_s``: when to retry,
+    None for the balancer's backlog estimate)."""
+
+    def __init__(self, message: str, retry_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_s = retry_s
 
 
 @dataclass(eq=False)
@@ -39,7 +45,7 @@ class Waiter:
 
 class GlobalQueue:
     def __init__(self, limit: int, shed_at: float = 0.5, order: str = "fair",
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None, admission: AdmissionControl | None = None) -> None:
         """``order``: "fair" (priority, then the tenant's VTC, then deadline) or "slack" (priority, then requests
         whose SLO deadline has passed behind those that can still make it, then deadline; needs ``clock``)."""
         if limit <= 0:
@@ -49,6 +55,7 @@ class GlobalQueue:
         if order == "slack" and clock is None:
             raise ValueError("a slack-ordered queue needs the balancer's clock")
         self.limit = limit
+        self.admission = admission          # checks requests bound at once (None: every one is admitted)
         self.shed_at = shed_at
         self.order = order
         self.clock = clock
@@ -130,12 +137,20 @@ def admit(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: Rout
 
     A baseline (no late binding) binds at once to any candidate, and so does every policy in front of engines
     that triage (an SLO-aware engine policy): a queue here would hide the backlog from the engines that can
-    order it by deadline and put the lost causes last (measured: ``bench/results_doc.py``). Otherwise it binds
+    order it by deadline and put the lost causes last (measured: ``bench/results_doc.py``). Binding at once, the
+    queue's admission control (``balancer/admission.py``), when set, may refuse the request (``QueueFull``) or
+    narrow the workers it may go to. Otherwise it binds
     only where a worker has room and nobody is queued ahead of it; else it waits in the queue (raises
     ``QueueFull`` when shed).
     """
     if not holds_queue(policy, candidates):
         roomy = list(candidates)        # bind at once: a baseline's way, or engines that triage their own queue
+        if queue.admission is not None and roomy:
+            refusal = queue.admission.check(r, roomy, registry.tenant_outstanding, now)
+            if refusal is not None:
+                queue.shed += 1
+                raise QueueFull(refusal.reason, refusal.retry_s)
+            roomy = queue.admission.feasible
     elif queue.waiters:
         roomy = []
     else:
@@ -173,7 +188,7 @@ def bind(policy: RoutingPolicy, registry: Registry, queue: GlobalQueue, r: Route
     choice = policy.route(r, candidates)
     need = kv_tokens_needed(r)
     registry.acquire(r.request_id, Assignment(choice.worker_id, work_seconds(choice, r), need, r.prompt_tokens,
-                                              r.gateway_id))
+                                              r.gateway_id, r.tenant))
     queue.charge(r.tenant, need)
     return choice
 

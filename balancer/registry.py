@@ -62,6 +62,7 @@ class Assignment:
     tokens: int
     prompt_tokens: int
     gateway_id: str = ""        # released with the gateway's lease if the gateway dies before releasing it
+    tenant: str = ""
 
 
 LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens",
@@ -77,6 +78,7 @@ class Registry:
         self.workers: dict[str, WorkerState] = {}
         self.assignments: dict[str, Assignment] = {}
         self.leases: dict[str, float] = {}          # gateway id -> when it last renewed (or routed)
+        self.tenant_outstanding: dict[str, int] = {}    # tenant -> requests bound and not yet released
 
     def register(self, worker_id: str, **info: object) -> WorkerState:
         old = self.workers.get(worker_id)
@@ -134,6 +136,7 @@ class Registry:
         if assignment.gateway_id:
             self.leases[assignment.gateway_id] = self.clock()
         state.outstanding += 1
+        self.tenant_outstanding[assignment.tenant] = self.tenant_outstanding.get(assignment.tenant, 0) + 1
         state.assigned_work_s += assignment.work_s
         state.assigned_tokens += assignment.tokens
         state.routed_since_report += assignment.prompt_tokens
@@ -164,6 +167,11 @@ class Registry:
         assignment = self.assignments.pop(request_id, None)
         if assignment is None:
             return
+        left = self.tenant_outstanding.get(assignment.tenant, 0) - 1
+        if left > 0:
+            self.tenant_outstanding[assignment.tenant] = left
+        else:
+            self.tenant_outstanding.pop(assignment.tenant, None)
         state = self.workers.get(assignment.worker_id)
         if state is not None:
             state.outstanding = max(0, state.outstanding - 1)

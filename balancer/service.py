@@ -9,6 +9,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 
+from balancer.admission import AdmissionControl
 from balancer.queue import Admission, GlobalQueue, QueueFull, admit, bind, drain, report_interval
 from balancer.registry import INFO_FIELDS, LOAD_FIELDS, Registry, WorkerState
 from balancer.route_context import RouteContext
@@ -43,7 +44,8 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
         self.clock = clock
         self.registry = Registry(clock, cfg.worker_timeout_s)
         self.policy = make_policy(cfg.routing_policy, **cfg.routing_options)
-        self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at, cfg.queue_order, clock)
+        admission = AdmissionControl(cfg.admission_busy_s, cfg.admission_slack) if cfg.admission == "slo" else None
+        self.queue = GlobalQueue(cfg.queue_limit, cfg.shed_at, cfg.queue_order, clock, admission)
         self._background: set[asyncio.Task] = set()
         self.lease_released = 0
         self.routed: dict[str, int] = {}          # requests bound per worker since start
@@ -125,7 +127,7 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
                 admission = admit(self.policy, self.registry, self.queue, r, candidates, self.clock(), exclude,
                                   asyncio.get_running_loop().create_future())
             except QueueFull as e:
-                await self._shed(context, str(e))
+                await self._shed(context, str(e), e.retry_s)
             choice = admission.worker or await self._wait_in_queue(admission, r, context, span)
             span.set_attributes({"tandem.worker_id": choice.worker_id, "tandem.gpu_type": choice.gpu_type})
             self.routed[choice.worker_id] = self.routed.get(choice.worker_id, 0) + 1
@@ -158,10 +160,11 @@ class BalancerServicer(balancer_pb2_grpc.BalancerServicer):
             if not waiter.future.done():         # a caller that gave up has already left the queue
                 waiter.future.set_result(self._bind(waiter.request, roomy))
 
-    async def _shed(self, context: grpc.aio.ServicerContext, why: str) -> None:
-        workers = list(self.registry.workers.values())
-        backlog = sum(w.assigned_work_s for w in workers) / max(1, len(workers))
-        retry_ms = int(min(30_000, max(100, backlog * 1000)))
+    async def _shed(self, context: grpc.aio.ServicerContext, why: str, retry_s: float | None = None) -> None:
+        if retry_s is None:
+            workers = list(self.registry.workers.values())
+            retry_s = sum(w.assigned_work_s for w in workers) / max(1, len(workers))
+        retry_ms = int(min(30_000, max(100, retry_s * 1000)))
         context.set_trailing_metadata((("retry-after-ms", str(retry_ms)),))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{why}; retry in about {retry_ms} ms")
 

@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from balancer.admission import AdmissionControl
 from balancer.queue import GlobalQueue, QueueFull, Waiter, admit, bind, drain, report_interval
 from balancer.registry import Registry, WorkerState
 from balancer.route_context import RouteContext
@@ -95,7 +96,9 @@ class Simulator:
         configured = cluster.report_interval_s if report_interval_s is None else report_interval_s
         self.report_interval_s = report_interval(self.policy, configured) if configured > 0 else 0.0
         self.registry = Registry(self.clock.now, timeout_s=float("inf"))
-        self.queue = GlobalQueue(cluster.queue_limit, cluster.shed_at, cluster.queue_order, self.clock.now)
+        admission = AdmissionControl(cluster.admission_busy_s, cluster.admission_slack) \
+            if cluster.admission == "slo" else None
+        self.queue = GlobalQueue(cluster.queue_limit, cluster.shed_at, cluster.queue_order, self.clock.now, admission)
         self.predictor = LengthPredictor()
         self.classes = slo_classes or cluster.slo_classes or DEFAULT_SLO_CLASSES
         self.bin_s = bin_s

@@ -57,6 +57,10 @@ class ClusterSpec(BaseModel):
     queue_limit: int = Field(512, gt=0)
     shed_at: float = Field(0.5, ge=0, le=1)
     queue_order: Literal["fair", "slack"] = "fair"
+    #: the balancer's admission control for requests it binds at once (``balancer/admission.py``)
+    admission: Literal["off", "slo"] = "off"
+    admission_busy_s: float = Field(0.05, gt=0)
+    admission_slack: float = Field(1.0, gt=0)
     #: what ``tandem up`` does when a service process dies: restart it always, on failure only (a non-zero exit
     #: or a signal) at most ``restart_limit`` times, or never; restarts wait ``restart_backoff_s``, doubling
     restart: Literal["always", "on-failure", "never"] = "on-failure"

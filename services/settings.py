@@ -47,6 +47,13 @@ class BalancerSettings(ServiceSettings):
     shed_at: float = Field(0.5, ge=0, le=1, description="queue share above which sheddable requests are refused")
     gateway_lease_s: float = Field(10.0, gt=0, description="a gateway silent this long loses its in-flight "
                                    "bindings (it renews every third of it)")
+    admission: Literal["off", "slo"] = Field("off", description="slo: refuse requests bound at once that no worker "
+                                             "can serve within their SLO, and when the cluster is busy, sheddable "
+                                             "ones and those of tenants over their share (balancer/admission.py)")
+    admission_busy_s: float = Field(0.05, gt=0, description="admission: queued prefill (seconds of it) "
+                                    "on every worker above which the cluster is busy")
+    admission_slack: float = Field(1.0, gt=0, description="admission: admit when the forecast is within this "
+                                   "many times the request's target")
     queue_order: Literal["fair", "slack"] = Field("fair", description="fair: priority, tenant VTC, deadline; slack: "
                                                   "priority, then lost causes behind those that can make it")
 

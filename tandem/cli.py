@@ -454,6 +454,48 @@ def bench_live_slo(rate: float = typer.Option(24.0, min=0.1, help="requests/s of
         raise typer.Exit(2) from None
 
 
+@bench_app.command("overload")
+def bench_overload(duration: float = typer.Option(60.0, min=1.0, help="seconds of overload"),
+                   factor: float = typer.Option(5.0, min=0.1, help="times the cluster's capacity"),
+                   capacity: Optional[float] = typer.Option(
+                       None, min=0.01, help="requests/s of the mix the cluster serves; default: measure it (ramp)"),
+                   cluster: Optional[Path] = typer.Option(None, help="cluster file; default: three sim workers"),
+                   json_out: Path = typer.Option(Path("bench/results/overload.json"), "--json",
+                                                 help="where to write JSON")) -> None:
+    """x5 the cluster's capacity for 60 s on a live stack: peak RSS per process, sheddable work refused with a retry
+    hint, admitted interactive SLO attainment, recovery time after the load."""
+    from bench.overload import Settings, run
+
+    try:
+        run(Settings(duration_s=duration, factor=factor, capacity=capacity,
+                     cluster=str(cluster) if cluster else None), json_out, console)
+    except (RuntimeError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
+@bench_app.command("tenant-flood")
+def bench_tenant_flood(duration: float = typer.Option(30.0, min=1.0, help="seconds per phase"),
+                       factor: float = typer.Option(10.0, min=0.1, help="tenant B's rate, times its share"),
+                       a_load: float = typer.Option(0.5, min=0.01, help="tenant A's rate, times its share"),
+                       b_mix: str = typer.Option("interactive", help="B's requests: interactive or mixed"),
+                       capacity: Optional[float] = typer.Option(
+                           None, min=0.01, help="interactive requests/s the cluster serves; default: measure it"),
+                       cluster: Optional[Path] = typer.Option(None, help="cluster file; default: three sim workers"),
+                       json_out: Path = typer.Option(Path("bench/results/tenant_flood.json"), "--json",
+                                                     help="where to write JSON")) -> None:
+    """One tenant flooding at x10 its share against a well-behaved one: the other's interactive SLO attainment with
+    and without the flood, refusals per tenant."""
+    from bench.tenant_flood import Settings, run
+
+    try:
+        run(Settings(duration_s=duration, factor=factor, a_load=a_load, b_mix=b_mix, capacity=capacity,
+                     cluster=str(cluster) if cluster else None), json_out, console)
+    except (RuntimeError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("schedule")
 def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
     """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""

@@ -130,6 +130,9 @@ class LocalStack:
                                       "--queue-limit", str(self.cluster.queue_limit),
                                       "--shed-at", str(self.cluster.shed_at),
                                       "--queue-order", self.cluster.queue_order,
+                                      "--admission", self.cluster.admission,
+                                      "--admission-busy-s", str(self.cluster.admission_busy_s),
+                                      "--admission-slack", str(self.cluster.admission_slack),
                                       "--profiler-address", self.profiler_address], deadline)
             for spec in self.cluster.workers:
                 self.start_worker(spec, wait=False)

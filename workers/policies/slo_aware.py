@@ -8,7 +8,11 @@ A request is *late* when even an optimistic forecast misses its milestone: its p
 latency model). Triage puts late requests behind every request that can still make it: they still run when
 there is room, finish, and count as missed, but no longer take the batch from those that can be saved. With
 ``refuse_sheddable``, a sheddable request that turns late before it ever ran is refused instead (the worker
-answers RESOURCE_EXHAUSTED with a retry hint), so the batch does not spend its spare room on it.
+answers RESOURCE_EXHAUSTED with a retry hint), so the batch does not spend its spare room on it. ``refuse_late``
+does the same for a request of any class, and every ``recheck_steps`` steps checks the whole waiting queue, not
+only its head: under a sustained overload a request its rank keeps at the back (a long one behind a stream of
+shorter ones) is told at once, with a retry hint, instead of waiting unchecked until its client gives up
+(measured: ``bench/overload.py``, ``bench/tenant_flood.py``).
 
 Keys are static between steps (the scheduler keeps its queues sorted by insertion); ``plan`` re-checks the
 head of the waiting queue every step and moves any request that became late behind the feasible ones. A
@@ -40,7 +44,7 @@ class SloAwarePolicy(EnginePolicy):
 
     def __init__(self, latency: StepTimes, triage: bool = True, optimism: float = 0.1, window: int = 8,
                  max_preemptions: int = 1, prefill_chunk: int = PREFILL_CHUNK, true_lengths: TrueLengths | None = None,
-                 refuse_sheddable: bool = False) -> None:
+                 refuse_sheddable: bool = False, refuse_late: bool = False) -> None:
         if not 0 <= optimism <= 1:
             raise ValueError("optimism is a quantile, in [0, 1]")
         self.latency = latency
@@ -54,6 +58,7 @@ class SloAwarePolicy(EnginePolicy):
         self.recheck_steps = 16
         self._optimistic: WeakKeyDictionary[Request, tuple[int, float]] = WeakKeyDictionary()
         self.refuse_sheddable = refuse_sheddable  # a sheddable request that turns late is refused, not kept
+        self.refuse_late = refuse_late          # any request that turns late before it ever ran is refused
         self._refused: list[Request] = []
         self.late: WeakSet[Request] = WeakSet()
         self._shape = (0, 0)
@@ -142,6 +147,12 @@ class SloAwarePolicy(EnginePolicy):
             self.late.update([r for r in running if r not in self.late and self.is_late(r, now)])
         if self.triage:
             self.triage_waiting(now, waiting)
+        if self.refuse_late and self._steps % self.recheck_steps == 0:
+            # past the head's window too: a request its rank keeps at the back would otherwise wait, never
+            # checked, until its client gives up
+            late = self.late
+            self._refused.extend([r for r in waiting[self.window:] if r not in late and not r.num_output_tokens
+                                  and not r.num_preemptions and self.is_late(r, now)])
 
     def estimate_step(self, running: Sequence[Request]) -> None:
         """The decode step time at the current batch (one more than running), re-estimated when it moves."""
@@ -164,8 +175,8 @@ class SloAwarePolicy(EnginePolicy):
             checked += 1
             if not self.is_late(request, now):
                 i += 1
-            elif self.refuse_sheddable and request.slo.sheddable and not request.num_output_tokens \
-                    and not request.num_preemptions:
+            elif (self.refuse_late or self.refuse_sheddable and request.slo.sheddable) \
+                    and not request.num_output_tokens and not request.num_preemptions:
                 self._refused.append(request)           # the scheduler ends it (RESOURCE_EXHAUSTED upstream)
                 i += 1
             else:
