@@ -268,13 +268,15 @@ def test_adaptive_engine_re_sorts_its_queue_when_the_level_changes():
 
 
 # ----- refusing sheddable lost causes -----------------------------------------------------------------------
-@pytest.mark.parametrize("refuse,sheddable,refused", [
-    (True, True, True),          # a sheddable request that can no longer make it is refused before it runs
-    (True, False, False),        # one that is not sheddable is kept (behind the others) and finishes
-    (False, True, False),        # refusing is the policy's option
+@pytest.mark.parametrize("refuse,refuse_late,sheddable,refused", [
+    (True, False, True, True),      # a sheddable request that can no longer make it is refused before it runs
+    (True, False, False, False),    # one that is not sheddable is kept (behind the others) and finishes
+    (False, False, True, False),    # refusing is the policy's option
+    (False, True, False, True),     # refuse_late: any class that turned late before it ran is refused
+    (False, True, True, True),
 ])
-def test_triage_refuses_late_sheddable_requests_when_asked(refuse, sheddable, refused):
-    sched, clock = setup("sage", max_seqs=1, refuse_sheddable=refuse)
+def test_triage_refuses_late_sheddable_requests_when_asked(refuse, refuse_late, sheddable, refused):
+    sched, clock = setup("sage", max_seqs=1, refuse_sheddable=refuse, refuse_late=refuse_late)
     hopeless = add(sched, clock, "hopeless", slo=SloTarget("batch", e2e_s=0.001, sheddable=sheddable))
     clock.advance(0.01)
     out = step(sched)
@@ -316,3 +318,19 @@ def test_the_balancer_prices_work_by_the_whole_distribution():
                           predicted_lengths=(90.0, 100.0, 110.0))
     assert output_tokens(skewed) == output_tokens(narrow) == 100.0            # the same typical answer ...
     assert expected_output_tokens(skewed) > 2 * expected_output_tokens(narrow)  # ... but a long tail costs more
+
+
+def test_refuse_late_reaches_past_the_triage_window():
+    """A late request its rank keeps at the back (beyond the window checked every step) is refused at the next
+    full re-check, not left waiting unchecked."""
+    sched, clock = setup("sage", max_seqs=1, refuse_late=True)
+    add(sched, clock, "running", max_tokens=200, lengths=(200, 200, 200))
+    step(sched)
+    queued = [add(sched, clock, f"q{i}", max_tokens=20, lengths=(20, 20, 20)) for i in range(12)]
+    hopeless = add(sched, clock, "hopeless", max_tokens=2000, lengths=(2000, 2000, 2000),
+                   slo=SloTarget("code", e2e_s=0.05))
+    clock.advance(0.1)
+    refused = []
+    for _ in range(40):
+        refused += step(sched).refused
+    assert hopeless in refused and not any(q in refused for q in queued[:2])
