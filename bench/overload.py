@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -61,7 +62,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import grpc
 from rich.console import Console
@@ -70,7 +71,9 @@ from rich.table import Table
 from bench.replay import DEFAULT_MAX_TOKENS, clip_to_window
 from bench.report import write_json
 from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.cluster import ClusterSpec, load_cluster
 from services.slo import DEFAULT_SLO_CLASSES, SloClass, met
+from tandem.launcher import LocalStack, StackError
 
 CLASSES = ("interactive", "code", "batch")
 MIX = {"interactive": 0.5, "code": 0.25, "batch": 0.25}       # share of requests
@@ -516,9 +519,6 @@ class Settings:
 
 
 def run(s: Settings, out: Path | None = Path("bench/results/overload.json"), console: Console | None = None) -> dict:
-    from services.cluster import load_cluster
-    from tandem.launcher import LocalStack, StackError
-
     console = console or Console(stderr=True)
     if not console.is_terminal:
         console.width = max(console.width, 180)
@@ -531,8 +531,16 @@ def run(s: Settings, out: Path | None = Path("bench/results/overload.json"), con
     with console.status("reading the traces ..."):
         lengths = Lengths()
     roofline = roofline_capacity(cluster, s.mix, lengths)
-    log_root = Path(tempfile.mkdtemp(prefix="tandem-overload-"))
-    console.print(f"cluster: {s.cluster or 'default'} ({cluster.routing_policy}/{cluster.engine_policy}, "
+    with started_stack(cluster, s.cluster, "tandem-overload-", console) as (stack, log_root):
+        return _run_on(stack, s, cluster, classes, lengths, roofline, log_root, started, out, console)
+
+
+@contextlib.contextmanager
+def started_stack(cluster: ClusterSpec, name: str | None, prefix: str, console: Console
+                  ) -> Iterator[tuple[LocalStack, Path]]:
+    """A live stack of ``cluster`` (said on the console, logs in a fresh folder), stopped at the end."""
+    log_root = Path(tempfile.mkdtemp(prefix=prefix))
+    console.print(f"cluster: {name or 'default'} ({cluster.routing_policy}/{cluster.engine_policy}, "
                   f"engine options {cluster.engine_options or '{}'}, "
                   f"routing options {cluster.routing_options or '{}'}, "
                   f"queue {cluster.queue_limit}/{cluster.shed_at:g}/{cluster.queue_order}); "
@@ -543,7 +551,7 @@ def run(s: Settings, out: Path | None = Path("bench/results/overload.json"), con
     except StackError as e:
         raise RuntimeError(f"the stack failed to start: {e}") from e
     try:
-        return _run_on(stack, s, cluster, classes, lengths, roofline, log_root, started, out, console)
+        yield stack, log_root
     finally:
         with console.status("stopping the stack ..."):
             stack.stop()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Mapping, Sequence
 import grpc
 from rich.console import Console
 
-from bench.overload import (ATTAINMENT_TARGET, MIX, Client, Lengths, Outcome, _loadavg, class_rows, cpu_cores,
+from bench.overload import (started_stack, ATTAINMENT_TARGET, MIX, Client, Lengths, Outcome, _loadavg, class_rows, cpu_cores,
                             cpu_snapshot, finish, outcome_table, poisson, ramp, request_rows, roofline_capacity,
                             stack_pids, worker_drops, _warm)
 from bench.report import write_json
@@ -64,7 +63,6 @@ class Settings:
 def run(s: Settings, out: Path | None = Path("bench/results/tenant_flood.json"),
         console: Console | None = None) -> dict:
     from services.cluster import load_cluster
-    from tandem.launcher import LocalStack, StackError
 
     console = console or Console(stderr=True)
     if not console.is_terminal:
@@ -76,17 +74,7 @@ def run(s: Settings, out: Path | None = Path("bench/results/tenant_flood.json"),
     classes = dict(cluster.slo_classes or DEFAULT_SLO_CLASSES)
     with console.status("reading the traces ..."):
         lengths = Lengths()
-    log_root = Path(tempfile.mkdtemp(prefix="tandem-tenant-flood-"))
-    console.print(f"cluster: {s.cluster or 'default'} ({cluster.routing_policy}/{cluster.engine_policy}, "
-                  f"engine options {cluster.engine_options or '{}'}, "
-                  f"routing options {cluster.routing_options or '{}'}, "
-                  f"queue {cluster.queue_limit}/{cluster.shed_at:g}/{cluster.queue_order}); logs under {log_root}")
-    try:
-        with console.status("starting the stack ..."):
-            stack = LocalStack(cluster, gateway_port=0, log_dir=log_root).start()
-    except StackError as e:
-        raise RuntimeError(f"the stack failed to start: {e}") from e
-    try:
+    with started_stack(cluster, s.cluster, "tandem-tenant-flood-", console) as (stack, log_root):
         address = stack.gateway_address
         asyncio.run(_warm(address, lengths, MIX, s.seed))
         steps: list[dict] = []
@@ -119,9 +107,6 @@ def run(s: Settings, out: Path | None = Path("bench/results/tenant_flood.json"),
             phases[name]["rows"] = rows
             phases[name]["by_tenant"] = class_rows(phases[name]["outcomes"], classes, key=lambda o: o.item.tenant)
             phases[name]["requests_log"] = request_rows(phases[name]["outcomes"], phases[name]["t0"], classes)
-    finally:
-        with console.status("stopping the stack ..."):
-            stack.stop()
 
     a_alone = phases["A alone"]["rows"].get("A/interactive", {})
     a_flood = phases["A + B flood"]["rows"].get("A/interactive", {})

@@ -26,6 +26,14 @@ LATENCY_MS_BUCKETS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 250, 500, 750, 1000
 STEP_MS_BUCKETS = (0.5, 1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500)
 
 
+Reading = Callable[[], Iterable[tuple[float, Mapping[str, str]]]]
+
+
+def _observer(read: Reading) -> Callable[[CallbackOptions], list[Observation]]:
+    """An OpenTelemetry callback over ``read``'s (value, labels) pairs."""
+    return lambda _: [Observation(value, dict(labels)) for value, labels in read()]
+
+
 class ServiceMetrics:
     """The process's meter and, when asked, its /metrics endpoint."""
 
@@ -47,23 +55,15 @@ class ServiceMetrics:
         host = self._server.server_address[0] if self._server else ""
         return f"http://{host}:{self.port}/metrics" if self._server else ""
 
-    def gauges(self, name: str, description: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]]],
+    def gauges(self, name: str, description: str, read: Reading,
                unit: str = "") -> None:
         """An observable gauge: ``read`` returns (value, labels) pairs at each scrape."""
+        self.meter.create_observable_gauge(name, [_observer(read)], unit=unit, description=description)
 
-        def observe(_: CallbackOptions) -> list[Observation]:
-            return [Observation(value, dict(labels)) for value, labels in read()]
-
-        self.meter.create_observable_gauge(name, [observe], unit=unit, description=description)
-
-    def counters(self, name: str, description: str, read: Callable[[], Iterable[tuple[float, Mapping[str, str]]]],
+    def counters(self, name: str, description: str, read: Reading,
                  unit: str = "") -> None:
         """An observable counter over totals the service already keeps (read at each scrape)."""
-
-        def observe(_: CallbackOptions) -> list[Observation]:
-            return [Observation(value, dict(labels)) for value, labels in read()]
-
-        self.meter.create_observable_counter(name, [observe], unit=unit, description=description)
+        self.meter.create_observable_counter(name, [_observer(read)], unit=unit, description=description)
 
     def shutdown(self) -> None:
         if self._server is not None:
