@@ -39,6 +39,9 @@ class WorkerState:
     decode_context_tokens: int = 0
     iterations: int = 0
     draining: bool = False
+    kv_blocks_cached: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_queried_tokens: int = 0
     # balancer's own view
     outstanding: int = 0                  # routed by gateways, not yet released
     assigned_work_s: float = 0.0          # predicted worker-seconds of the outstanding requests
@@ -66,7 +69,8 @@ class Assignment:
 
 
 LOAD_FIELDS = ("running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens",
-               "decode_context_tokens", "iterations", "draining")
+               "decode_context_tokens", "iterations", "draining", "kv_blocks_cached", "prefix_hit_tokens",
+               "prefix_queried_tokens")
 INFO_FIELDS = ("address", "model", "gpu_type", "executor", "max_model_len", "kv_blocks_total", "block_size",
                "engine_policy", "max_num_seqs")
 

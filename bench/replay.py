@@ -96,6 +96,16 @@ def prompt_for_item(item: ReplayItem, block_tokens: int | None = None) -> str:
     return " ".join(words)
 
 
+def prompt_token_ids(item: ReplayItem, serial: int) -> list[int]:
+    """The simulator's prompt for ``item``: token ids shared exactly where the trace's block ids are (as
+    ``prompt_for_item``'s text is), the rest unique to request number ``serial``, so a prefix cache in the
+    simulated engines hits where a live one would."""
+    blocks = item.prefix_hashes[:-(-item.input_tokens // item.block_tokens)] if item.prefix_hashes else ()
+    ids = [(h << 20) + j for h in blocks for j in range(item.block_tokens)][:item.input_tokens]
+    tail = (1 << 62) + (serial << 24)
+    return ids + list(range(tail + len(ids), tail + item.input_tokens))
+
+
 def set_slo_targets(request: gateway_pb2.GenerateRequest, slo: SloClass) -> None:
     """The request's own targets on the wire: each one the resolved SloClass has (0: none, the class's)."""
     for name in ("ttft_ms", "tpot_ms", "e2e_ms"):

@@ -27,7 +27,7 @@ from balancer.registry import Registry, WorkerState
 from balancer.route_context import RouteContext
 from balancer.routing import make_policy as make_routing
 from bench.metrics import RequestRecord
-from bench.replay import ReplayItem
+from bench.replay import ReplayItem, prompt_token_ids
 from profiler.predictor import LengthPredictor
 from services.cluster import ClusterSpec, WorkerSpec
 from services.latency import LatencyModel
@@ -118,10 +118,11 @@ class Simulator:
             state.latency, state.capacity_tok_s, state.profile_source = lm, lm.saturated_decode_tok_s(), "datasheet"
             eng = assemble_engine(executor, blocks, spec.block_size, spec.max_num_seqs, spec.max_num_batched_tokens,
                                   self.engine_policy, engine_options, self.clock, on_output=self._on_output,
-                                  recent_steps=0)
+                                  recent_steps=0, prefix_caching=spec.prefix_caching)
             self.workers[spec.id] = SimWorker(spec, state, eng, executor)
         self._heap: list[tuple[float, int, int, object]] = []
         self._seq = itertools.count()
+        self._serial = itertools.count()     # numbers prompts, so unshared prompt tokens differ between requests
         self._records: dict[str, RequestRecord] = {}
         self._items: dict[str, ReplayItem] = {}
         self._open = 0                       # requests not yet arrived or not yet ended
@@ -232,7 +233,7 @@ class Simulator:
         item = self._items[ctx.request_id]
         now = self.clock.now()
         worker.engine.submit(Request(
-            ctx.request_id, [1] * item.input_tokens, SamplingParams(max_tokens=item.cap), now,
+            ctx.request_id, prompt_token_ids(item, next(self._serial)), SamplingParams(max_tokens=item.cap), now,
             priority=item.priority, tenant=item.tenant,
             slo=SloTarget(item.slo_class, ctx.ttft_ms / 1000, ctx.tpot_ms / 1000, ctx.e2e_ms / 1000, ctx.sheddable),
             eos_token_id=worker.executor.tokenizer.eos_token_id, predicted_output_len=ctx.predicted_output,

@@ -22,6 +22,7 @@ class WorkerSpec(BaseModel):
     port: int = Field(0, ge=0, le=65535)
     kv_blocks: int = Field(0, ge=0)
     block_size: int = Field(16, gt=0)
+    prefix_caching: bool = True
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(2048, gt=0)
     time_scale: float = Field(1.0, gt=0)

@@ -69,6 +69,8 @@ class WorkerSettings(ServiceSettings):
     engine_policy: str = "sage"
     engine_options: dict[str, Any] = Field(default_factory=dict, description="the engine policy's options (JSON)")
     block_size: int = Field(16, gt=0)
+    prefix_caching: bool = Field(True, description="keep full KV blocks keyed by their tokens for later prompts "
+                                 "that start the same way")
     kv_blocks: int = Field(0, ge=0, description="KV block budget; 0 derives it from device memory")
     max_num_seqs: int = Field(256, gt=0)
     max_num_batched_tokens: int = Field(2048, gt=0)

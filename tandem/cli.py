@@ -496,6 +496,30 @@ def bench_tenant_flood(duration: float = typer.Option(30.0, min=1.0, help="secon
         raise typer.Exit(2) from None
 
 
+@bench_app.command("prefix")
+def bench_prefix(part: str = typer.Option("both", help="sim, live or both"),
+                 trace: Optional[Path] = typer.Option(None, help="a JSONL trace with hash_ids (Mooncake's scheme) "
+                                                      "instead of the synthetic multi-turn chats"),
+                 live_workers: int = typer.Option(2, min=1, help="CPU torch workers of the live part"),
+                 json_out: Path = typer.Option(Path("bench/results/prefix.json"), "--json",
+                                               help="where to write JSON")) -> None:
+    """Prefix caching on a multi-turn workload: TTFT p50 and throughput with the engines' cache off and on, and
+    cache-aware routing against capacity, llm-d and round robin; in the simulator and on a live CPU stack."""
+    from bench.prefix import Settings, run
+
+    if part not in ("sim", "live", "both"):
+        console.print(f"[red]--part: {part!r} is not sim, live or both[/red]")
+        raise typer.Exit(2)
+    if trace is not None and not trace.is_file():
+        console.print(f"[red]--trace: {trace} is not a file[/red]")
+        raise typer.Exit(2)
+    try:
+        run(Settings(sim=part != "live", live=part != "sim", trace=trace, live_workers=live_workers), json_out, console)
+    except (RuntimeError, ValueError) as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+
+
 @bench_app.command("schedule")
 def bench_schedule(out: Path = typer.Option(Path("bench/results/schedule.json"))) -> None:
     """schedule() time with 256 running and 1,000 waiting requests, per engine policy."""

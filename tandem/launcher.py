@@ -161,7 +161,8 @@ class LocalStack:
                 "--engine-policy", self.cluster.engine_policy, "--engine-options", json.dumps(self.cluster.engine_options),
                 "--balancer-address", self.balancer_address, "--profiler-address", self.profiler_address,
                 "--kv-blocks", str(spec.kv_blocks), "--block-size", str(spec.block_size), "--max-num-seqs", str(spec.max_num_seqs),
-                "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale)]
+                "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale),
+                "--prefix-caching" if spec.prefix_caching else "--no-prefix-caching"]
         name = f"worker-{spec.id}"
         if wait:
             return self._launch(name, args, time.monotonic() + timeout)

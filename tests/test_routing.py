@@ -82,7 +82,8 @@ def test_in_flight_work_is_counted_between_reports_and_released_once():
 # ----- policies ---------------------------------------------------------------------------------------------
 def test_every_policy_is_registered():
     assert set(policy_names()) == {"round_robin", "random", "least_outstanding", "power_of_two", "least_kv",
-                                   "capacity", "token_aware", "prefix_affinity", "adaptive", "llmd", "sglang_cache_aware"}
+                                   "capacity", "token_aware", "prefix_affinity", "adaptive", "llmd", "sglang_cache_aware",
+                                   "cache_aware"}
     with pytest.raises(ValueError, match="unknown routing policy 'magic'"):
         make_policy("magic")
 

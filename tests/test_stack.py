@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from services.rpc import gateway_pb2, gateway_pb2_grpc
+from services.rpc import balancer_pb2, balancer_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from tests.helpers import wait_until, worker_stats
 
 pytestmark = pytest.mark.slow
@@ -194,3 +194,35 @@ def test_health_and_reflection_on_every_service(stack):
                 iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)))
             names = {s.name for s in listing.list_services_response.service}
             assert service in names and "grpc.health.v1.Health" in names
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_reports_say_so(stack):
+    """A long prompt sent four times to three workers: wherever it comes again, the worker takes it from its
+    prefix cache; its stats and the load reports the balancer holds count the hits, the blocks stay cached after
+    the requests end, and none is held."""
+    prompt = " ".join(f"w{i}" for i in range(400))     # the sim tokenizer: 400 tokens, 25 blocks of 16
+
+    async def main():
+        async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+            stub = gateway_pb2_grpc.GatewayStub(channel)
+            return [(await collect(stub, gen(prompt, max_tokens=4, ignore_eos=True)))[-1].metrics.worker_id
+                    for _ in range(4)]
+
+    before = {w: s.prefix_hit_tokens for w, s in worker_stats(stack).items()}
+    served = asyncio.run(main())
+    stats = worker_stats(stack)
+    repeats = {w: served.count(w) for w in set(served)}
+    assert max(repeats.values()) >= 2
+    for w, n in repeats.items():
+        assert stats[w].prefix_hit_tokens - before[w] >= (n - 1) * (400 - 16), w
+        assert stats[w].kv_blocks_cached >= 400 // 16
+    wait_until(lambda: all(s.kv_blocks_used == 0 for s in worker_stats(stack).values()), 2)
+
+    def reported() -> bool:
+        with grpc.insecure_channel(stack.balancer_address) as channel:
+            listing = balancer_pb2_grpc.BalancerStub(channel).ListWorkers(balancer_pb2.ListWorkersRequest())
+        loads = {w.info.worker_id: w.load for w in listing.workers}
+        return all(loads[w].prefix_hit_tokens == stats[w].prefix_hit_tokens and loads[w].kv_blocks_cached > 0
+                   for w, n in repeats.items() if n >= 2)
+
+    wait_until(reported, 3)

@@ -73,7 +73,9 @@ def test_greedy_through_the_gateway_equals_transformers_generate(tiny, tmp_path)
     assert stats.gpu_type == "CPU" and stats.executor == "torch" and stats.kv_blocks_used == 0
 
 
-def run_engine(folder, requests_spec, **cfg_kw):
+def run_engine(folder, requests_spec, first=(), **cfg_kw):
+    """Run ``first`` (prompt, sampling) pairs one after another, then ``requests_spec`` all at once; returns
+    each one's (tokens, text, request) in that order, and the engine."""
     cfg = WorkerSettings(executor="torch", model=str(folder), kv_blocks=cfg_kw.pop("kv_blocks", 256), **cfg_kw)
 
     async def main():
@@ -93,7 +95,8 @@ def run_engine(folder, requests_spec, **cfg_kw):
                 if chunk.finished:
                     return tokens, text, r
 
-        out = await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests_spec)))
+        out = [await one(f"first{i}", p, s) for i, (p, s) in enumerate(first)]
+        out += await asyncio.gather(*(one(i, p, s) for i, (p, s) in enumerate(requests_spec)))
         engine.stop()
         await task
         return out, engine
@@ -162,3 +165,20 @@ def test_tandem_up_with_a_torch_worker(tiny, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_prefix_cache_keeps_greedy_output_and_skips_the_cached_prefill(tiny):
+    """Follow-ups that share a long start with an earlier prompt prefill only their own tail from the cache,
+    and their greedy answers equal transformers' (and the uncached engine's) token for token."""
+    system = "You are a careful assistant for the cluster. Answer briefly and cite the block manager. "
+    first = system + "Which worker is fastest?"
+    follow = [system + f"Question {k}: how many blocks does request {k} hold?" for k in range(6)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    results = {caching: run_engine(tiny, [(p, greedy) for p in follow], first=[(first, greedy)], block_size=4,
+                                   prefix_caching=caching) for caching in (True, False)}
+    cached_out, plain_out = ([tokens for tokens, _, _ in results[c][0]] for c in (True, False))
+    blocks, plain_blocks = (results[c][1].scheduler.blocks for c in (True, False))
+    assert blocks.hit_tokens >= len(follow) * 16          # the shared start is many 4-token blocks long
+    assert plain_blocks.hit_tokens == 0 and blocks.num_used_blocks == 0
+    assert cached_out == plain_out == hf_greedy(tiny, [first] + follow, 12)

@@ -44,14 +44,15 @@ def build_engine(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None
     if num_blocks <= 0:
         raise ValueError(f"{cfg.model} leaves no KV memory on {cfg.gpu_type}; set --kv-blocks")
     return assemble_engine(executor, num_blocks, cfg.block_size, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                           cfg.engine_policy, cfg.engine_options, clock, **engine_kw)
+                           cfg.engine_policy, cfg.engine_options, clock, prefix_caching=cfg.prefix_caching,
+                           **engine_kw)
 
 
 def assemble_engine(executor: Executor, num_blocks: int, block_size: int, max_num_seqs: int,
                     max_num_batched_tokens: int, policy: str, policy_options: dict[str, object], clock: Clock,
-                    **engine_kw: object) -> Engine:
+                    prefix_caching: bool = False, **engine_kw: object) -> Engine:
     """An engine around ``executor``: its blocks, scheduler and policy. The worker and the simulator both use it."""
-    blocks = BlockManager(num_blocks, block_size)
+    blocks = BlockManager(num_blocks, block_size, caching=prefix_caching)
     executor.bind_blocks(blocks)
     # the worker's own latency model when its executor runs on one, else what the engine measures of its steps
     latency = getattr(executor, "latency", None)

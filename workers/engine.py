@@ -210,7 +210,9 @@ class Engine:
         return {"running": s.num_running, "waiting": s.num_waiting, "kv_blocks_used": s.blocks.num_used_blocks,
                 "kv_blocks_free": s.blocks.num_free_blocks, "step_time_ms": self.step_time_ms,
                 "pending_prefill_tokens": s.pending_prefill_tokens(), "decode_context_tokens": s.decode_context_tokens(),
-                "iterations": self.iterations, "draining": not self._accepting}
+                "iterations": self.iterations, "draining": not self._accepting,
+                "kv_blocks_cached": s.blocks.num_cached_blocks, "prefix_hit_tokens": s.blocks.hit_tokens,
+                "prefix_queried_tokens": s.blocks.queried_tokens}
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:

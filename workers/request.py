@@ -77,6 +77,7 @@ class Request:
     finished_time: float | None = None
     preemption_times: list[float] = field(default_factory=list)
     num_tokens: int = 0                        # prompt plus output; kept as a counter, it is read every step
+    block_hashes: list[int] = field(default_factory=list, repr=False)   # prefix-cache keys of its full blocks
     _length_distribution: LengthDistribution | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:

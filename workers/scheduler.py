@@ -194,13 +194,16 @@ class Scheduler:
                     break
                 if not policy.admit(request, now, started):
                     continue
-                num_new = min(request.num_pending_tokens, budget)
-                alloc = self._alloc_tokens(request, num_new)
-                if not self.blocks.can_allocate(request, alloc, admission=True):
+                hit = self.blocks.match(request)      # leading blocks in the prefix cache: not prefilled again
+                cached = len(hit) * self.blocks.block_size
+                num_new = min(request.num_tokens - cached, budget)
+                alloc = max(num_new, self.policy.reserve_tokens(request) - cached)
+                if not self.blocks.can_allocate(request, alloc, admission=True, hit=hit):
                     break
                 request.status = RequestStatus.RUNNING
                 if request.first_scheduled_time is None:
                     request.first_scheduled_time = now
+                self.blocks.attach(request, hit)
                 self._schedule(request, num_new, alloc, out)
                 budget -= num_new
                 admitted.append(request)
@@ -216,11 +219,15 @@ class Scheduler:
         now = self.clock.now()
         results: list[RequestOutput] = []
         running = RequestStatus.RUNNING
+        blocks = self.blocks
+        bs = blocks.block_size if blocks.caching else 0
         for item in out.scheduled:
             request = item.request
             if request.status is not running:
                 continue          # finished, aborted or preempted while the step ran; its blocks are free
-            request.num_computed_tokens = item.context_before + item.num_new_tokens
+            request.num_computed_tokens = computed = item.context_before + item.num_new_tokens
+            if bs and computed // bs > item.context_before // bs:
+                blocks.commit(request)      # a block just filled up: cache it for prompts that start the same
             if not item.samples:
                 continue          # a prefill chunk that is not the last
             token = sampled[request.request_id]

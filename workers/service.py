@@ -146,7 +146,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             step_time_ms=self.engine.step_time_ms, finished=s.num_finished, aborted=s.num_aborted,
             max_model_len=s.config.max_model_len, engine_policy=self.cfg.engine_policy,
             max_num_batched_tokens=s.config.max_num_batched_tokens, max_num_seqs=s.config.max_num_seqs,
-            open_streams=self.open_streams, asyncio_tasks=len(asyncio.all_tasks()))
+            open_streams=self.open_streams, asyncio_tasks=len(asyncio.all_tasks()),
+            kv_blocks_cached=s.blocks.num_cached_blocks, prefix_hit_tokens=s.blocks.hit_tokens,
+            prefix_queried_tokens=s.blocks.queried_tokens)
 
     async def Abort(self, request: worker_pb2.AbortRequest, context: grpc.aio.ServicerContext
                     ) -> worker_pb2.AbortResponse:
@@ -248,13 +250,16 @@ def expose_metrics(servicer: WorkerServicer, metrics: ServiceMetrics) -> None:
             ("waiting", "requests waiting in the engine", lambda: s.num_waiting),
             ("kv_blocks_used", "KV cache blocks in use", lambda: s.blocks.num_used_blocks),
             ("kv_blocks_total", "KV cache blocks in all", lambda: s.blocks.num_blocks),
+            ("kv_blocks_cached", "KV blocks in the prefix cache, held or evictable", lambda: s.blocks.num_cached_blocks),
             ("open_streams", "Generate calls in progress", lambda: servicer.open_streams)):
         metrics.gauges(f"tandem_worker_{name}", description, lambda read=read: [(read(), labels)])
     for name, description, read in (
             ("preemptions", "running requests preempted to make room", lambda: engine.preemptions),
             ("iterations", "engine steps", lambda: engine.iterations),
             ("finished", "requests finished", lambda: s.num_finished),
-            ("aborted", "requests aborted (the caller went away)", lambda: s.num_aborted)):
+            ("aborted", "requests aborted (the caller went away)", lambda: s.num_aborted),
+            ("prefix_hit_tokens", "prompt tokens taken from the prefix cache", lambda: s.blocks.hit_tokens),
+            ("prefix_queried_tokens", "prompt tokens looked up in the prefix cache", lambda: s.blocks.queried_tokens)):
         metrics.counters(f"tandem_worker_{name}", description, lambda read=read: [(read(), labels)])
     if not metrics.url:
         return

@@ -30,13 +30,14 @@ class PrefixIndex:
             matched += 1
         return matched
 
-    def record(self, worker_id: str, hashes: Sequence[int]) -> None:
-        """Mark ``hashes`` cached on the worker (refreshing them); evict its oldest past capacity."""
+    def record(self, worker_id: str, hashes: Sequence[int], capacity: int = 0) -> None:
+        """Mark ``hashes`` cached on the worker (refreshing them); evict its oldest past capacity (``capacity``
+        when given: a bound sized from that worker's KV memory)."""
         lru = self._lru.setdefault(worker_id, OrderedDict())
         for h in hashes:
             lru[h] = None
             lru.move_to_end(h)
-        while len(lru) > self.capacity:
+        while len(lru) > (capacity or self.capacity):
             lru.popitem(last=False)
 
     def size(self, worker_id: str) -> int:

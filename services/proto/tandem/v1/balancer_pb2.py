@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.proto.tandem.v1 import common_pb2 as tandem_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/balancer.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xd4\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x15\n\rengine_policy\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\"3\n\x16RegisterWorkerResponse\x12\x19\n\x11report_interval_s\x18\x01 \x01(\x01\"\xec\x01\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x14\n\x0cstep_time_ms\x18\x06 \x01(\x01\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15\x64\x65\x63ode_context_tokens\x18\x08 \x01(\x03\x12\x12\n\niterations\x18\t \x01(\x03\x12\x10\n\x08\x64raining\x18\n \x01(\x08\"\x0f\n\rReportLoadAck\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\xd0\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x14\n\x0cprompt_chars\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\x07 \x03(\t\x12\x35\n\x10predicted_length\x18\x08 \x01(\x0b\x32\x1b.tandem.v1.LengthPrediction\x12\x1e\n\x16prompt_tokens_estimate\x18\t \x01(\x05\x12\x1f\n\x03slo\x18\n \x01(\x0b\x32\x12.tandem.v1.SloSpec\x12\x15\n\rprefix_hashes\x18\x0b \x03(\x04\x12\x11\n\tsheddable\x18\x0c \x01(\x08\x12\x12\n\ngateway_id\x18\r \x01(\t\"3\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"7\n\x0eReleaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"\'\n\x11RenewLeaseRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"7\n\x12RenewLeaseResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\x12\x10\n\x08\x62indings\x18\x02 \x01(\x05\"\x14\n\x12ListWorkersRequest\"\xc7\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.LoadReport\x12\x13\n\x0boutstanding\x18\x03 \x01(\x05\x12\x19\n\x11last_report_age_s\x18\x04 \x01(\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x61pacity_tok_s\x18\x06 \x01(\x01\x12\x16\n\x0eprofile_source\x18\x07 \x01(\t\"\xcb\x01\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x14\n\x0cqueue_length\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x04 \x01(\x05\x12\x12\n\nshed_total\x18\x05 \x01(\x03\x12\x15\n\revicted_total\x18\x06 \x01(\x03\x12\x1c\n\x14lease_released_total\x18\x07 \x01(\x03\x32\x8a\x04\n\x08\x42\x61lancer\x12O\n\x08Register\x12 .tandem.v1.RegisterWorkerRequest\x1a!.tandem.v1.RegisterWorkerResponse\x12?\n\nReportLoad\x12\x15.tandem.v1.LoadReport\x1a\x18.tandem.v1.ReportLoadAck(\x01\x12U\n\nDeregister\x12\".tandem.v1.DeregisterWorkerRequest\x1a#.tandem.v1.DeregisterWorkerResponse\x12:\n\x05Route\x12\x17.tandem.v1.RouteRequest\x1a\x18.tandem.v1.RouteResponse\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponse\x12I\n\nRenewLease\x12\x1c.tandem.v1.RenewLeaseRequest\x1a\x1d.tandem.v1.RenewLeaseResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tandem/v1/balancer.proto\x12\ttandem.v1\x1a\x16tandem/v1/common.proto\"\xd4\x01\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x10\n\x08gpu_type\x18\x04 \x01(\t\x12\x10\n\x08\x65xecutor\x18\x05 \x01(\t\x12\x15\n\rmax_model_len\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x12\n\nblock_size\x18\x08 \x01(\x05\x12\x15\n\rengine_policy\x18\t \x01(\t\x12\x14\n\x0cmax_num_seqs\x18\n \x01(\x05\">\n\x15RegisterWorkerRequest\x12%\n\x06worker\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\"3\n\x16RegisterWorkerResponse\x12\x19\n\x11report_interval_s\x18\x01 \x01(\x01\"\xc0\x02\n\nLoadReport\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07running\x18\x02 \x01(\x05\x12\x0f\n\x07waiting\x18\x03 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\x05\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\x05\x12\x14\n\x0cstep_time_ms\x18\x06 \x01(\x01\x12\x1e\n\x16pending_prefill_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15\x64\x65\x63ode_context_tokens\x18\x08 \x01(\x03\x12\x12\n\niterations\x18\t \x01(\x03\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x12\x18\n\x10kv_blocks_cached\x18\x0b \x01(\x05\x12\x19\n\x11prefix_hit_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15prefix_queried_tokens\x18\r \x01(\x03\"\x0f\n\rReportLoadAck\",\n\x17\x44\x65registerWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65registerWorkerResponse\"\xd0\x02\n\x0cRouteRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tslo_class\x18\x02 \x01(\t\x12\x14\n\x0cprompt_chars\x18\x03 \x01(\x05\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\x07 \x03(\t\x12\x35\n\x10predicted_length\x18\x08 \x01(\x0b\x32\x1b.tandem.v1.LengthPrediction\x12\x1e\n\x16prompt_tokens_estimate\x18\t \x01(\x05\x12\x1f\n\x03slo\x18\n \x01(\x0b\x32\x12.tandem.v1.SloSpec\x12\x15\n\rprefix_hashes\x18\x0b \x03(\x04\x12\x11\n\tsheddable\x18\x0c \x01(\x08\x12\x12\n\ngateway_id\x18\r \x01(\t\"3\n\rRouteResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"7\n\x0eReleaseRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x11\n\x0fReleaseResponse\"\'\n\x11RenewLeaseRequest\x12\x12\n\ngateway_id\x18\x01 \x01(\t\"7\n\x12RenewLeaseResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\x12\x10\n\x08\x62indings\x18\x02 \x01(\x05\"\x14\n\x12ListWorkersRequest\"\xc7\x01\n\x0cWorkerStatus\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tandem.v1.WorkerInfo\x12#\n\x04load\x18\x02 \x01(\x0b\x32\x15.tandem.v1.LoadReport\x12\x13\n\x0boutstanding\x18\x03 \x01(\x05\x12\x19\n\x11last_report_age_s\x18\x04 \x01(\x01\x12\r\n\x05state\x18\x05 \x01(\t\x12\x16\n\x0e\x63\x61pacity_tok_s\x18\x06 \x01(\x01\x12\x16\n\x0eprofile_source\x18\x07 \x01(\t\"\xcb\x01\n\x13ListWorkersResponse\x12(\n\x07workers\x18\x01 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x16\n\x0erouting_policy\x18\x02 \x01(\t\x12\x14\n\x0cqueue_length\x18\x03 \x01(\x05\x12\x13\n\x0bqueue_limit\x18\x04 \x01(\x05\x12\x12\n\nshed_total\x18\x05 \x01(\x03\x12\x15\n\revicted_total\x18\x06 \x01(\x03\x12\x1c\n\x14lease_released_total\x18\x07 \x01(\x03\x32\x8a\x04\n\x08\x42\x61lancer\x12O\n\x08Register\x12 .tandem.v1.RegisterWorkerRequest\x1a!.tandem.v1.RegisterWorkerResponse\x12?\n\nReportLoad\x12\x15.tandem.v1.LoadReport\x1a\x18.tandem.v1.ReportLoadAck(\x01\x12U\n\nDeregister\x12\".tandem.v1.DeregisterWorkerRequest\x1a#.tandem.v1.DeregisterWorkerResponse\x12:\n\x05Route\x12\x17.tandem.v1.RouteRequest\x1a\x18.tandem.v1.RouteResponse\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12L\n\x0bListWorkers\x12\x1d.tandem.v1.ListWorkersRequest\x1a\x1e.tandem.v1.ListWorkersResponse\x12I\n\nRenewLease\x12\x1c.tandem.v1.RenewLeaseRequest\x1a\x1d.tandem.v1.RenewLeaseResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,31 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKERRESPONSE']._serialized_start=342
   _globals['_REGISTERWORKERRESPONSE']._serialized_end=393
   _globals['_LOADREPORT']._serialized_start=396
-  _globals['_LOADREPORT']._serialized_end=632
-  _globals['_REPORTLOADACK']._serialized_start=634
-  _globals['_REPORTLOADACK']._serialized_end=649
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=651
-  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=695
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=697
-  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=723
-  _globals['_ROUTEREQUEST']._serialized_start=726
-  _globals['_ROUTEREQUEST']._serialized_end=1062
-  _globals['_ROUTERESPONSE']._serialized_start=1064
-  _globals['_ROUTERESPONSE']._serialized_end=1115
-  _globals['_RELEASEREQUEST']._serialized_start=1117
-  _globals['_RELEASEREQUEST']._serialized_end=1172
-  _globals['_RELEASERESPONSE']._serialized_start=1174
-  _globals['_RELEASERESPONSE']._serialized_end=1191
-  _globals['_RENEWLEASEREQUEST']._serialized_start=1193
-  _globals['_RENEWLEASEREQUEST']._serialized_end=1232
-  _globals['_RENEWLEASERESPONSE']._serialized_start=1234
-  _globals['_RENEWLEASERESPONSE']._serialized_end=1289
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1291
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1311
-  _globals['_WORKERSTATUS']._serialized_start=1314
-  _globals['_WORKERSTATUS']._serialized_end=1513
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1516
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1719
-  _globals['_BALANCER']._serialized_start=1722
-  _globals['_BALANCER']._serialized_end=2244
+  _globals['_LOADREPORT']._serialized_end=716
+  _globals['_REPORTLOADACK']._serialized_start=718
+  _globals['_REPORTLOADACK']._serialized_end=733
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_start=735
+  _globals['_DEREGISTERWORKERREQUEST']._serialized_end=779
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_start=781
+  _globals['_DEREGISTERWORKERRESPONSE']._serialized_end=807
+  _globals['_ROUTEREQUEST']._serialized_start=810
+  _globals['_ROUTEREQUEST']._serialized_end=1146
+  _globals['_ROUTERESPONSE']._serialized_start=1148
+  _globals['_ROUTERESPONSE']._serialized_end=1199
+  _globals['_RELEASEREQUEST']._serialized_start=1201
+  _globals['_RELEASEREQUEST']._serialized_end=1256
+  _globals['_RELEASERESPONSE']._serialized_start=1258
+  _globals['_RELEASERESPONSE']._serialized_end=1275
+  _globals['_RENEWLEASEREQUEST']._serialized_start=1277
+  _globals['_RENEWLEASEREQUEST']._serialized_end=1316
+  _globals['_RENEWLEASERESPONSE']._serialized_start=1318
+  _globals['_RENEWLEASERESPONSE']._serialized_end=1373
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1375
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1395
+  _globals['_WORKERSTATUS']._serialized_start=1398
+  _globals['_WORKERSTATUS']._serialized_end=1597
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1600
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1803
+  _globals['_BALANCER']._serialized_start=1806
+  _globals['_BALANCER']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)

@@ -44,7 +44,7 @@ class RegisterWorkerResponse(_message.Message):
     def __init__(self, report_interval_s: _Optional[float] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("worker_id", "running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens", "decode_context_tokens", "iterations", "draining")
+    __slots__ = ("worker_id", "running", "waiting", "kv_blocks_used", "kv_blocks_free", "step_time_ms", "pending_prefill_tokens", "decode_context_tokens", "iterations", "draining", "kv_blocks_cached", "prefix_hit_tokens", "prefix_queried_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class LoadReport(_message.Message):
     DECODE_CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     running: int
     waiting: int
@@ -65,7 +68,10 @@ class LoadReport(_message.Message):
     decode_context_tokens: int
     iterations: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., pending_prefill_tokens: _Optional[int] = ..., decode_context_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_hit_tokens: int
+    prefix_queried_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., pending_prefill_tokens: _Optional[int] = ..., decode_context_tokens: _Optional[int] = ..., iterations: _Optional[int] = ..., draining: _Optional[bool] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ...) -> None: ...
 
 class ReportLoadAck(_message.Message):
     __slots__ = ()

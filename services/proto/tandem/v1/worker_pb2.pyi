@@ -88,7 +88,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("worker_id", "gpu_type", "model", "executor", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "block_size", "iterations", "step_time_ms", "finished", "aborted", "max_model_len", "engine_policy", "recent_batch_size", "recent_prefill_tokens", "recent_decode_tokens", "preemptions", "max_num_batched_tokens", "max_num_seqs", "open_streams", "asyncio_tasks")
+    __slots__ = ("worker_id", "gpu_type", "model", "executor", "running", "waiting", "kv_blocks_total", "kv_blocks_used", "block_size", "iterations", "step_time_ms", "finished", "aborted", "max_model_len", "engine_policy", "recent_batch_size", "recent_prefill_tokens", "recent_decode_tokens", "preemptions", "max_num_batched_tokens", "max_num_seqs", "open_streams", "asyncio_tasks", "kv_blocks_cached", "prefix_hit_tokens", "prefix_queried_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     GPU_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,9 @@ class WorkerStats(_message.Message):
     MAX_NUM_SEQS_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     gpu_type: str
     model: str
@@ -135,7 +138,10 @@ class WorkerStats(_message.Message):
     max_num_seqs: int
     open_streams: int
     asyncio_tasks: int
-    def __init__(self, worker_id: _Optional[str] = ..., gpu_type: _Optional[str] = ..., model: _Optional[str] = ..., executor: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., iterations: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., finished: _Optional[int] = ..., aborted: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_policy: _Optional[str] = ..., recent_batch_size: _Optional[float] = ..., recent_prefill_tokens: _Optional[float] = ..., recent_decode_tokens: _Optional[float] = ..., preemptions: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., open_streams: _Optional[int] = ..., asyncio_tasks: _Optional[int] = ...) -> None: ...
+    kv_blocks_cached: int
+    prefix_hit_tokens: int
+    prefix_queried_tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., gpu_type: _Optional[str] = ..., model: _Optional[str] = ..., executor: _Optional[str] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., block_size: _Optional[int] = ..., iterations: _Optional[int] = ..., step_time_ms: _Optional[float] = ..., finished: _Optional[int] = ..., aborted: _Optional[int] = ..., max_model_len: _Optional[int] = ..., engine_policy: _Optional[str] = ..., recent_batch_size: _Optional[float] = ..., recent_prefill_tokens: _Optional[float] = ..., recent_decode_tokens: _Optional[float] = ..., preemptions: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., open_streams: _Optional[int] = ..., asyncio_tasks: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_queried_tokens: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
