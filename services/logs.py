@@ -33,9 +33,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class GoneCallFilter(logging.Filter):
+    """grpc.aio logs a traceback when a handler's reply finds its call already gone (the client's deadline
+    passed or it cancelled while the handler ran: a fire-and-forget call under load). Nothing failed on our
+    side, so it becomes one line, not a traceback an operator would chase."""
+
+    MARK = "SendStatusFromServerOperation"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and self.MARK in str(record.exc_info[1]):
+            record.msg, record.args = "reply not sent: the client left first (deadline passed or cancelled)", ()
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
+    handler.addFilter(GoneCallFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -182,15 +182,17 @@ def status(address: str = typer.Option("127.0.0.1:50051", help="gateway address"
     table = Table(title=f"{len(reply.workers)} workers, routing: {reply.routing_policy}, queue "
                         f"{reply.queue_length}/{reply.queue_limit}, shed {reply.shed_total}")
     for col in ("worker", "address", "GPU", "model", "executor", "capacity tok/s", "running", "waiting",
-                "in flight", "KV used", "step ms", "report age s", "state"):
+                "in flight", "KV used", "prefix cache", "step ms", "report age s", "state"):
         table.add_column(col)
     for w in reply.workers:
         i, load = w.info, w.load
         capacity = f"{w.capacity_tok_s:,.0f} ({w.profile_source})" if w.capacity_tok_s else "unknown"
+        hit = f"{load.prefix_hit_tokens / load.prefix_queried_tokens:.0%} hit" if load.prefix_queried_tokens else "-"
         table.add_row(i.worker_id, i.address, i.gpu_type, i.model, i.executor, capacity, str(load.running),
                       str(load.waiting), str(w.outstanding), f"{load.kv_blocks_used}/{i.kv_blocks_total}",
-                      f"{load.step_time_ms:.1f}", f"{w.last_report_age_s:.2f}", w.state)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+                      f"{load.kv_blocks_cached} blocks, {hit}", f"{load.step_time_ms:.1f}",
+                      f"{w.last_report_age_s:.2f}", w.state)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 @app.command()

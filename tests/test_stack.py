@@ -175,6 +175,7 @@ def test_cli_generate_and_status(stack):
     for spec in stack.cluster.workers:
         assert spec.id in status.stdout and spec.gpu_type in status.stdout
     assert "serving" in status.stdout and "(datasheet)" in status.stdout     # capacity from the Profiler
+    assert "% hit" in status.stdout                 # the prefix cache of the worker that served "hello world"
     bad = subprocess.run([sys.executable, "-m", "tandem.cli", "generate", "hi", "--slo-class", "gold",
                           "--address", stack.gateway_address], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 1 and "INVALID_ARGUMENT: slo_class" in bad.stderr
