@@ -19,6 +19,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from bench.replay import unique_prompt
 from bench.report import write_json
 from bench.traces import default_trace_path, load_azure
 from services.cluster import ClusterSpec, WorkerSpec
@@ -63,7 +64,7 @@ async def saturate(address: str, mix: list[tuple[int, int]], clients: int, warmu
             while time.perf_counter() < stop_at:
                 n_in, n_out = mix[k % len(mix)]
                 k += clients
-                req = gateway_pb2.GenerateRequest(prompt=" ".join(["tok"] * n_in), max_tokens=max_tokens,
+                req = gateway_pb2.GenerateRequest(prompt=unique_prompt(n_in), max_tokens=max_tokens,
                                                   temperature=0.0, slo_class="batch",
                                                   replay_truth=common_pb2.ReplayTruth(output_tokens=n_out))
                 try:

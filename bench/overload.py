@@ -59,7 +59,6 @@ import statistics
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -68,7 +67,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
-from bench.replay import DEFAULT_MAX_TOKENS, clip_to_window
+from bench.replay import DEFAULT_MAX_TOKENS, clip_to_window, unique_prompt
 from bench.report import write_json
 from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.cluster import ClusterSpec, load_cluster
@@ -136,12 +135,6 @@ def poisson(rate: float, duration_s: float, seed: int | str, mix: Mapping[str, f
         items.append(Item(t, cls, n_in, n_out, cap, tenant, tag))
 
 
-def prompt_of(n_tokens: int) -> str:
-    """``n_tokens`` words for the sim tokenizer (one token a word), the first unique to this call so that no two
-    prompts share a cached prefix block."""
-    return f"u{uuid.uuid4().hex[:12]}" + " tok" * (n_tokens - 1)
-
-
 # ----- the client ------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -176,7 +169,7 @@ class Client:
 
     async def send(self, item: Item) -> Outcome:
         request = gateway_pb2.GenerateRequest(
-            prompt=prompt_of(item.input_tokens), max_tokens=item.cap, slo_class=item.slo_class, temperature=0.0,
+            prompt=unique_prompt(item.input_tokens), max_tokens=item.cap, slo_class=item.slo_class, temperature=0.0,
             tenant=item.tenant, replay_truth=common_pb2.ReplayTruth(output_tokens=item.output_tokens))
         out = Outcome(item, time.perf_counter())
         self.in_flight += 1

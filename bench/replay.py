@@ -82,18 +82,29 @@ def prompt_of(n_tokens: int) -> str:
     return " ".join(["tok"] * n_tokens)
 
 
+def unique_words(n: int) -> list[str]:
+    """``n`` words no other call shares (one token each with the sim tokenizer)."""
+    tag = uuid.uuid4().hex[:12]
+    return [f"u{tag}w{j}" for j in range(n)]
+
+
+def unique_prompt(n_tokens: int) -> str:
+    """``prompt_of`` with a first word unique to this call: the same length in words and about the same in
+    characters (the gateway estimates tokens from them), but it shares no prefix block with any other prompt, as
+    unrelated users' prompts don't (``prompt_of``'s would all hit every engine's prefix cache)."""
+    return f"u{uuid.uuid4().hex[:12]}" + " tok" * (n_tokens - 1)
+
+
 def prompt_for_item(item: ReplayItem, block_tokens: int | None = None) -> str:
     """Exactly ``item.input_tokens`` words. Block k's words are ``b{id}w{j}``, a function of its id alone, so equal
-    ids give equal text; words past the named blocks are unique to this call, so they share with nothing. No ids:
-    ``prompt_of``. ``block_tokens`` defaults to the item's own (the trace source's)."""
+    ids give equal text; words past the named blocks are unique to this call, so they share with nothing (nor
+    does a prompt without ids). ``block_tokens`` defaults to the item's own (the trace source's)."""
     if not item.prefix_hashes:
-        return prompt_of(item.input_tokens)
+        return unique_prompt(item.input_tokens)
     size = block_tokens or item.block_tokens
     blocks = item.prefix_hashes[:-(-item.input_tokens // size)]
     words = [f"b{h}w{j}" for h in blocks for j in range(size)][:item.input_tokens]
-    tag = uuid.uuid4().hex[:12]
-    words += [f"u{tag}w{j}" for j in range(item.input_tokens - len(words))]
-    return " ".join(words)
+    return " ".join(words + unique_words(item.input_tokens - len(words)))
 
 
 def prompt_token_ids(item: ReplayItem, serial: int) -> list[int]:

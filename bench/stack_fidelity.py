@@ -58,7 +58,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.metrics import RequestRecord, summarize
-from bench.replay import ReplayItem, prompt_of, replay
+from bench.replay import ReplayItem, replay, unique_prompt
 from bench.report import write_json
 from bench.scenario import Scenario, Source, build_workload
 from bench.simulator import Simulator
@@ -123,12 +123,12 @@ async def _probe(address: str, prompts: Sequence[int], *, gateway: bool, togethe
         async def one(k: int) -> Timing:
             truth = common_pb2.ReplayTruth(output_tokens=n_out)
             if gateway:
-                request = gateway_pb2.GenerateRequest(prompt=prompt_of(prompts[k]), slo_class=PROBE_CLASS,
+                request = gateway_pb2.GenerateRequest(prompt=unique_prompt(prompts[k]), slo_class=PROBE_CLASS,
                                                       max_tokens=caps[k] if caps else 2048, temperature=0.0,
                                                       request_id=_probe_id(k), replay_truth=truth)
             else:
                 request = worker_pb2.WorkerGenerateRequest(
-                    request_id=_probe_id(k), prompt=prompt_of(prompts[k]),
+                    request_id=_probe_id(k), prompt=unique_prompt(prompts[k]),
                     sampling=common_pb2.SamplingParams(max_tokens=n_out, temperature=0.0, top_p=1.0),
                     slo=common_pb2.SloSpec(slo_class=PROBE_CLASS, e2e_ms=2000), replay_truth=truth)
             timing = Timing(time.perf_counter(), prompts[k], [])
@@ -258,7 +258,7 @@ def measure_overheads(stack: object, cluster: ClusterSpec, sizes: ProbeSizes | N
             "load_average": loadavg()}
 
 
-def prediction_miss_share(items: Sequence[ReplayItem], prompt_for: Callable[[int], str] = prompt_of) -> float:
+def prediction_miss_share(items: Sequence[ReplayItem], prompt_for: Callable[[int], str] = unique_prompt) -> float:
     """Share of ``items`` whose length prediction the gateway must ask the Profiler for: its cache, keyed by class,
     cap, prompt-length bucket and prompt feature, keeps an answer ``PREDICTION_TTL_S`` (the gateway's own
     functions; arrival times stand for the gateway's clock, the workload's prompts for the replayed text)."""
