@@ -32,12 +32,16 @@ CHECKPOINT = Path(".tandem/checkpoints/bench-llama")
 SHAREGPT_CONTEXT = 8192
 
 
-def bench_checkpoint(folder: Path = CHECKPOINT) -> Path:
+BENCH_ARCH = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688, vocab_size=512,
+                  max_position_embeddings=2048, seed=1)
+
+
+def bench_checkpoint(folder: Path = CHECKPOINT, **arch: int) -> Path:
+    """The benchmarks' random checkpoint in ``folder``, made once (``arch``: its shape, default ``BENCH_ARCH``)."""
     if not (folder / "model.safetensors").exists():
         from workers.executors.checkpoint import make_tiny_llama
 
-        make_tiny_llama(folder, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, intermediate_size=688,
-                        vocab_size=512, max_position_embeddings=2048, seed=1)
+        make_tiny_llama(folder, **(arch or BENCH_ARCH))
     return folder
 
 
@@ -53,9 +57,14 @@ def workload(n: int, context: int, seed: int = 0) -> list[tuple[int, int]]:
     return out
 
 
-def prompt_text(tokens: int) -> str:
-    """A prompt of exactly ``tokens`` tokens with the benchmark tokenizer (BOS + one token per word)."""
-    return " ".join(["the"] * (tokens - 1))
+def prompt_text(tokens: int, words: list[str] | None = None, seed: int = 0) -> str:
+    """A prompt of exactly ``tokens`` tokens with the benchmark tokenizer (BOS + one token per word). Given the
+    tokenizer's one-token ``words``, a seeded random draw of them, so that no two requests share a prefix (the
+    engines' prefix caches would otherwise serve most of every prompt, which transformers cannot)."""
+    if words is None:
+        return " ".join(["the"] * (tokens - 1))
+    rng = random.Random(seed)
+    return " " + " ".join(rng.choice(words) for _ in range(tokens - 1))
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -65,28 +74,31 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def run_tandem(folder: Path, requests: list[tuple[int, int]], console: Console, kv_tokens: int) -> dict:
-    spec = ClusterSpec(workers=[WorkerSpec(id="torch-0", executor="torch", model=str(folder.resolve()),
-                                           kv_blocks=kv_tokens // 16, max_num_seqs=256,
-                                           max_num_batched_tokens=2048)])
-    with console.status("starting a torch worker ..."):
+def run_worker(folder: Path, requests: list[tuple[int, int]], prompts: list[str], console: Console, kv_tokens: int,
+               executor: str = "torch") -> dict:
+    """The requests straight to one worker of ``executor`` (torch: Tandem's engine; vllm: vLLM's), over gRPC."""
+    wid = f"{executor}-0"
+    spec = ClusterSpec(engine_policy="fcfs", workers=[WorkerSpec(
+        id=wid, executor=executor, model=str(folder.resolve()), kv_blocks=kv_tokens // 16, max_num_seqs=256,
+        max_num_batched_tokens=2048)])
+    with console.status(f"starting a {executor} worker ..."):
         stack = LocalStack(spec, gateway_port=0).start()
     try:
-        pid = stack.processes["worker-torch-0"].popen.pid
+        pid = stack.processes[f"worker-{wid}"].popen.pid
         rss_idle = peak_rss_mib(pid)
 
         async def drive() -> tuple[float, int, list[float]]:
-            async with grpc.aio.insecure_channel(stack.worker_address("torch-0")) as channel:
+            async with grpc.aio.insecure_channel(stack.worker_address(wid)) as channel:
                 stub = worker_pb2_grpc.WorkerStub(channel)
                 with Progress(console=console, transient=True) as progress:
-                    task = progress.add_task("tandem engine", total=len(requests))
+                    task = progress.add_task(f"{executor} worker", total=len(requests))
 
                     async def one(i: int, p: int, o: int) -> tuple[int, float]:
                         start = time.perf_counter()
                         first = None
                         n = 0
                         async for reply in stub.Generate(worker_pb2.WorkerGenerateRequest(
-                                request_id=f"bench-{i}", prompt=prompt_text(p), sampling=common_pb2.SamplingParams(
+                                request_id=f"bench-{i}", prompt=prompts[i], sampling=common_pb2.SamplingParams(
                                     max_tokens=o, temperature=0.0, top_p=1.0, ignore_eos=True))):
                             if first is None and reply.token_ids:
                                 first = time.perf_counter() - start
@@ -107,7 +119,8 @@ def run_tandem(folder: Path, requests: list[tuple[int, int]], console: Console, 
         stack.stop()
 
 
-def run_static(folder: Path, requests: list[tuple[int, int]], console: Console, batch_size: int = 32) -> dict:
+def run_static(folder: Path, requests: list[tuple[int, int]], prompts: list[str], console: Console,
+               batch_size: int = 32) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +133,7 @@ def run_static(folder: Path, requests: list[tuple[int, int]], console: Console, 
         task = progress.add_task("transformers static batches", total=len(requests))
         for b in range(0, len(requests), batch_size):
             batch = requests[b:b + batch_size]
-            enc = tok([prompt_text(p) for p, _ in batch], return_tensors="pt", padding=True)
+            enc = tok(prompts[b:b + batch_size], return_tensors="pt", padding=True)
             longest = max(o for _, o in batch)
             with torch.inference_mode():
                 model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
@@ -131,30 +144,51 @@ def run_static(folder: Path, requests: list[tuple[int, int]], console: Console, 
     return {"wall_s": wall, "output_tokens": useful, "tok_s": useful / wall, "batch_size": batch_size}
 
 
-def run(n_requests: int = 256, kv_tokens: int = 131072, out: Path | None = Path("bench/results/engine.json")) -> dict:
+def run(n_requests: int = 256, kv_tokens: int = 131072, out: Path | None = Path("bench/results/engine.json"),
+        vllm: bool | None = None) -> dict:
+    """Tandem's torch worker, a vLLM worker (when vLLM can be found: ``.venv-vllm``; ``vllm`` True insists, False
+    skips) and transformers' static batches, on the same checkpoint and requests."""
+    from bench.live_slo import one_token_words
+    from tandem.launcher import StackError, worker_python
+
     console = Console(stderr=True)
     folder = bench_checkpoint()
     import json
 
     context = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
     requests = workload(n_requests, context)
-    tandem = run_tandem(folder, requests, console, kv_tokens)
-    static = run_static(folder, requests, console)
+    words = one_token_words(folder)
+    prompts = [prompt_text(p, words, seed=i) for i, (p, _) in enumerate(requests)]
+    engines = {"tandem torch worker (fcfs)": run_worker(folder, requests, prompts, console, kv_tokens)}
+    if vllm is not False:
+        try:
+            worker_python(WorkerSpec(id="v", executor="vllm", model=str(folder)))
+        except StackError as e:
+            if vllm:
+                raise
+            console.print(f"[yellow]no vLLM worker: {e}[/yellow]")
+        else:
+            engines["vLLM worker (v1 AsyncLLM, fcfs)"] = run_worker(folder, requests, prompts, console, kv_tokens,
+                                                                   "vllm")
+    static = run_static(folder, requests, prompts, console)
     sched = schedule_bench.measure("fcfs")
-    ratio = tandem["tok_s"] / static["tok_s"]
     table = Table(title=f"{n_requests} ShareGPT-length requests (scaled to {context} tokens), "
-                        f"random Llama {folder.name}, CPU")
-    for col in ("engine", "output tokens", "wall s", "tok/s", "vs static", "peak RSS MiB"):
+                        f"random Llama {folder.name}, CPU, prompts sharing no prefix")
+    for col in ("engine", "output tokens", "wall s", "tok/s", "vs static", "TTFT p50 s", "peak RSS MiB"):
         table.add_column(col, justify="right")
-    table.add_row("tandem torch worker", f"{tandem['output_tokens']:,}", f"{tandem['wall_s']:.1f}",
-                  f"{tandem['tok_s']:,.0f}", f"{ratio:.2f}x", f"{tandem['peak_rss_mib']:,.0f}")
+    for name, r in engines.items():
+        r["ratio"] = r["tok_s"] / static["tok_s"]
+        table.add_row(name, f"{r['output_tokens']:,}", f"{r['wall_s']:.1f}", f"{r['tok_s']:,.0f}",
+                      f"{r['ratio']:.2f}x", f"{r['ttft_p50_s']:.2f}", f"{r['peak_rss_mib']:,.0f}")
     table.add_row("transformers generate, batches of 32", f"{static['output_tokens']:,}", f"{static['wall_s']:.1f}",
-                  f"{static['tok_s']:,.0f}", "1.00x", "-")
+                  f"{static['tok_s']:,.0f}", "1.00x", "-", "-")
     console.print(table)
+    console.print("peak RSS is the worker process's own (vLLM's engine core runs in a child process, not counted)")
     console.print(f"schedule() with 256 running / 1,000 waiting: median {sched['median_ms']:.3f} ms, "
                   f"p90 {sched['p90_ms']:.3f} ms")
-    payload = {"requests": requests, "tandem": tandem, "static": static, "ratio": ratio, "schedule": sched,
-               "context": context, "checkpoint": str(folder)}
+    tandem = engines["tandem torch worker (fcfs)"]
+    payload = {"requests": requests, "engines": engines, "tandem": tandem, "static": static,
+               "ratio": tandem["ratio"], "schedule": sched, "context": context, "checkpoint": str(folder)}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")
     return payload

@@ -11,15 +11,18 @@ scaled to its 2,048-token window, and the simulator, given the profile and the o
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import grpc
 from rich.console import Console
 from rich.table import Table
 
 from bench.engine import bench_checkpoint, prompt_text
+from bench.live_slo import one_token_words
 from bench.metrics import e2e, ttft
 from bench.replay import ReplayItem, replay
 from bench.report import write_json
@@ -31,8 +34,12 @@ from services.profiles import ProfiledLatency, from_profile
 from services.rpc import profiler_pb2, profiler_pb2_grpc
 
 
-def text_of(item: ReplayItem) -> str:
-    return prompt_text(item.input_tokens)
+def text_maker(folder: Path) -> Callable[[ReplayItem], str]:
+    """Prompts of exactly the item's tokens that share no prefix (a live prefix cache would otherwise serve most
+    of every prompt, which the simulator, fed the trace's unshared prompts, does not)."""
+    words = one_token_words(folder)
+    serial = itertools.count()
+    return lambda item: prompt_text(item.input_tokens, words, seed=next(serial))
 
 
 def workload(duration_s: float, scale: float, context: int, rate_scale: float) -> list[ReplayItem]:
@@ -55,6 +62,7 @@ def run(duration_s: float = 40.0, length_scale: float = 0.25, rate_scale: float 
         id="torch-0", executor="torch", model=str(folder), kv_blocks=8192, torch_threads=1,
         max_num_batched_tokens=512)])
     items = workload(duration_s, length_scale, context, rate_scale)
+    text_of = text_maker(folder)
     with console.status("starting a torch worker ..."):
         stack = LocalStack(spec, gateway_port=0).start()
     try:

@@ -16,7 +16,7 @@ class WorkerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    executor: Literal["sim", "torch"] = "sim"
+    executor: Literal["sim", "torch", "vllm"] = "sim"
     gpu_type: str = "A100-80G"
     model: str = "llama-2-7b"
     port: int = Field(0, ge=0, le=65535)
@@ -29,6 +29,7 @@ class WorkerSpec(BaseModel):
     device: str = "auto"                 # torch executor
     dtype: str = "auto"                  # torch executor
     torch_threads: int = Field(0, ge=0)  # torch executor; 0 = torch's default
+    python: str = ""                     # the interpreter this worker runs with; "" the default (vllm: .venv-vllm)
 
     @model_validator(mode="after")
     def _known_names(self) -> "WorkerSpec":

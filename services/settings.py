@@ -63,9 +63,9 @@ class WorkerSettings(ServiceSettings):
     advertise_address: str = Field("", description="host:port others use to reach this worker")
     balancer_address: str = ""
     profiler_address: str = ""
-    executor: Literal["sim", "torch"] = "sim"
+    executor: Literal["sim", "torch", "vllm"] = "sim"
     gpu_type: str = "A100-80G"
-    model: str = Field("llama-2-7b", description="sim: a model name; torch: a checkpoint folder")
+    model: str = Field("llama-2-7b", description="sim: a model name; torch, vllm: a checkpoint folder")
     engine_policy: str = "sage"
     engine_options: dict[str, Any] = Field(default_factory=dict, description="the engine policy's options (JSON)")
     block_size: int = Field(16, gt=0)

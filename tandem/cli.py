@@ -62,7 +62,12 @@ def _stack(cluster: Optional[Path], port: int, policy: Optional[str], log_dir: O
                 raise typer.BadParameter("use either --cluster or --executor/--model")
             if not model or not Path(model).is_dir():
                 raise typer.BadParameter(f"--executor {executor} needs --model PATH, a checkpoint folder")
+            if executor not in ("torch", "vllm"):
+                raise typer.BadParameter(f"--executor {executor!r}: sim, torch or vllm")
             spec = ClusterSpec(workers=[WorkerSpec(id=f"{executor}-0", executor=executor, model=str(Path(model).resolve()))])
+            if executor == "vllm":
+                spec.engine_policy = "fcfs"      # vLLM's own scheduler: fcfs, or priority with --policy
+
         else:
             spec = load_cluster(cluster)
     except ClusterFileError as e:
@@ -85,8 +90,9 @@ def up(cluster: Optional[Path] = typer.Option(None, help="cluster file (YAML); d
        port: int = typer.Option(50051, help="gateway port"),
        policy: Optional[str] = typer.Option(None, help="ROUTE/ENGINE policies, e.g. least_outstanding/fcfs"),
        log_dir: Optional[Path] = typer.Option(None, help="where service logs go (default: a temp folder)"),
-       executor: Optional[str] = typer.Option(None, help="torch: one worker running --model instead of a cluster"),
-       model: Optional[str] = typer.Option(None, help="with --executor torch: a Hugging Face checkpoint folder"),
+       executor: Optional[str] = typer.Option(None, help="torch or vllm: one worker running --model instead of a "
+                                              "cluster"),
+       model: Optional[str] = typer.Option(None, help="with --executor torch or vllm: a Hugging Face checkpoint folder"),
        http_port: int = typer.Option(8000, help="the OpenAI-compatible HTTP API's port (0: a free one; -1: off)"),
        metrics: bool = typer.Option(True, help="every service serves Prometheus /metrics on a free port")
        ) -> None:
@@ -339,11 +345,19 @@ def bench_stream(gpu_type: str = typer.Option("A100-80G", help="the sim worker's
 
 @bench_app.command("engine")
 def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = typer.Option(131072, min=1024),
+                 vllm: Optional[bool] = typer.Option(None, help="a vLLM worker too (default: when .venv-vllm is "
+                                                     "there; --vllm insists, --no-vllm skips)"),
                  out: Path = typer.Option(Path("bench/results/engine.json"))) -> None:
-    """Torch worker vs transformers' static batching on ShareGPT lengths; peak memory; schedule() time."""
+    """Torch worker and vLLM worker against transformers' static batching on ShareGPT lengths; peak memory;
+    schedule() time."""
     from bench.engine import run
+    from tandem.launcher import StackError
 
-    run(n_requests=requests, kv_tokens=kv_tokens, out=out)
+    try:
+        run(n_requests=requests, kv_tokens=kv_tokens, out=out, vllm=vllm)
+    except StackError as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
 
 
 @bench_app.command("cluster")

@@ -9,6 +9,7 @@ what it does goes to the console and to ``supervisor.log`` beside the services' 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import json
 import signal
@@ -30,6 +31,29 @@ class StackError(RuntimeError):
     pass
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+VLLM_START_S = 300.0
+
+
+def worker_python(spec: WorkerSpec) -> str:
+    """The interpreter a worker runs with: the cluster file's ``python``, else for a vllm worker
+    ``$TANDEM_VLLM_PYTHON``, the ``.venv-vllm`` that scripts/dev makes, or this one when vLLM imports here; else
+    this one. vLLM pins its own versions of shared libraries, so it usually gets an environment of its own."""
+    if spec.python:
+        return spec.python
+    if spec.executor != "vllm":
+        return sys.executable
+    if env := os.environ.get("TANDEM_VLLM_PYTHON"):
+        return env
+    venv = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise StackError(f"worker {spec.id}: a vllm worker needs vLLM; run `scripts/dev setup` (it makes .venv-vllm), "
+                     "set TANDEM_VLLM_PYTHON, or give the worker `python:` in the cluster file")
+
+
 @dataclass
 class Process:
     name: str
@@ -41,6 +65,7 @@ class Process:
     restarts: int = 0
     restart_at: float | None = None                   # a restart is due then (backing off)
     starting_until: float | None = None               # restarted, not READY yet; given up on after this
+    python: str = ""                                  # the interpreter it runs with; "" this one
 
     def endpoints(self) -> dict[str, str]:
         """Other endpoints it announced (``ENDPOINT <service> <kind> <url>``): kind -> URL."""
@@ -118,6 +143,8 @@ class LocalStack:
 
     # ----- lifecycle ---------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "LocalStack":
+        if any(w.executor == "vllm" for w in self.cluster.workers):
+            timeout = max(timeout, VLLM_START_S)      # vLLM compiles its model at start (about a minute on CPU)
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="tandem-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -160,13 +187,17 @@ class LocalStack:
                 "--dtype", spec.dtype, "--torch-threads", str(spec.torch_threads), "--model", spec.model,
                 "--engine-policy", self.cluster.engine_policy, "--engine-options", json.dumps(self.cluster.engine_options),
                 "--balancer-address", self.balancer_address, "--profiler-address", self.profiler_address,
-                "--kv-blocks", str(spec.kv_blocks), "--block-size", str(spec.block_size), "--max-num-seqs", str(spec.max_num_seqs),
+                "--kv-blocks", str(spec.kv_blocks), "--max-num-seqs", str(spec.max_num_seqs),
+                # vLLM picks its own block size (on CPU a multiple of 32) unless the cluster file sets one
+                *(["--block-size", str(spec.block_size)]
+                  if spec.executor != "vllm" or "block_size" in spec.model_fields_set else []),
                 "--max-num-batched-tokens", str(spec.max_num_batched_tokens), "--time-scale", str(spec.time_scale),
                 "--prefix-caching" if spec.prefix_caching else "--no-prefix-caching"]
         name = f"worker-{spec.id}"
+        python = worker_python(spec)
         if wait:
-            return self._launch(name, args, time.monotonic() + timeout)
-        return self._spawn(name, args)
+            return self._launch(name, args, time.monotonic() + timeout, python)
+        return self._spawn(name, args, python)
 
     def wait_for_workers(self, count: int, timeout: float = 30.0) -> list[balancer_pb2.WorkerStatus]:
         deadline = time.monotonic() + timeout
@@ -239,7 +270,7 @@ class LocalStack:
             elif port:
                 args += [flag, port]
         restarts = process.restarts + 1
-        fresh = self._spawn(process.name, args)
+        fresh = self._spawn(process.name, args, process.python)
         fresh.args, fresh.address, fresh.restarts, fresh.starting_until = process.args, process.address, restarts, ready_by
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
@@ -266,21 +297,21 @@ class LocalStack:
         self.stop()
 
     # ----- internals ---------------------------------------------------------------------------------
-    def _spawn(self, name: str, args: list[str]) -> Process:
+    def _spawn(self, name: str, args: list[str], python: str = "") -> Process:
         assert self.log_dir is not None
         service = name.split("-", 1)[0]
         stdout_path, stderr_path = self.log_dir / f"{name}.out", self.log_dir / f"{name}.log"
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         with open(stdout_path, "wb") as out, open(stderr_path, "ab") as err:
             extra = ["--metrics-port", "0"] if self.metrics and "--metrics-port" not in args else []
-            popen = subprocess.Popen([sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host,
+            popen = subprocess.Popen([python or sys.executable, "-m", "tandem.cli", "serve", service, "--host", self.host,
                                       *extra, *args],
                                      stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        process = self.processes[name] = Process(name, popen, stdout_path, stderr_path, args=list(args))
+        process = self.processes[name] = Process(name, popen, stdout_path, stderr_path, args=list(args), python=python)
         return process
 
-    def _launch(self, name: str, args: list[str], deadline: float) -> Process:
-        process = self._spawn(name, args)
+    def _launch(self, name: str, args: list[str], deadline: float, python: str = "") -> Process:
+        process = self._spawn(name, args, python)
         process.address = self._ready(name, deadline)
         return process
 

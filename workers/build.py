@@ -35,11 +35,18 @@ def build_executor(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | No
         else:
             blocks = cfg.cpu_kv_tokens // cfg.block_size
         return torch_executor, blocks
-    raise ValueError(f"executor {cfg.executor!r} is not available in this build; use sim or torch")
+    raise ValueError(f"executor {cfg.executor!r} is not available in this build; use sim, torch or vllm")
 
 
 def build_engine(cfg: WorkerSettings, clock: Clock, latency: LatencyModel | None = None, **engine_kw: object
                  ) -> Engine:
+    if cfg.executor == "vllm":
+        from workers.vllm_engine import VllmEngine
+
+        try:
+            return VllmEngine(cfg, clock)  # type: ignore[return-value]   (the same surface, over vLLM)
+        except ImportError as e:
+            raise ValueError(f"the vllm executor needs vLLM in this environment (scripts/dev makes .venv-vllm): {e}")
     executor, num_blocks = build_executor(cfg, clock, latency)
     if num_blocks <= 0:
         raise ValueError(f"{cfg.model} leaves no KV memory on {cfg.gpu_type}; set --kv-blocks")

@@ -73,6 +73,16 @@ class RequestStream:
         return chunk
 
 
+async def wait_until_idle(has_work: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``has_work`` until it is False; True when that happened within ``timeout`` seconds (a draining worker
+    waits on its engine with it, whichever engine it runs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while has_work() and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    return not has_work()
+
+
 class Engine:
     def __init__(self, scheduler: Scheduler, executor: Executor, clock: Clock,
                  on_iteration: Callable[[IterationStats, SchedulerOutput], None] | None = None,
@@ -135,11 +145,7 @@ class Engine:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until every request has ended; True when that happened within ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self.scheduler.has_work() and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        return not self.scheduler.has_work()
+        return await wait_until_idle(self.scheduler.has_work, timeout)
 
     def stop(self) -> None:
         self._stopped = True

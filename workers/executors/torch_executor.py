@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -37,11 +37,27 @@ class HfTokenizer:
 
         self.hf = AutoTokenizer.from_pretrained(str(folder))
         self.eos_token_id: int | None = self.hf.eos_token_id
+        self._fast_decode = self._backend_decode(self.hf)
+
+    @staticmethod
+    def _backend_decode(hf: object) -> Callable[..., str] | None:
+        """The Rust tokenizer's own decode when transformers' would add nothing to it (no clean-up pass to apply):
+        the engine decodes twice per token per request, and transformers' wrapper costs four times the decode."""
+        backend = getattr(hf, "_tokenizer", None)
+        if backend is None or not hasattr(backend, "decode"):
+            return None
+        cleans = getattr(hf, "clean_up_tokenization_spaces", False)
+        if cleans and not (type(backend.model).__name__ == "BPE" and not getattr(
+                hf, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)):
+            return None
+        return backend.decode
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])
 
     def decode(self, token_ids: Sequence[int]) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(list(token_ids), skip_special_tokens=True)
         return self.hf.decode(list(token_ids), skip_special_tokens=True)
 
 
