@@ -78,12 +78,13 @@ async def _drive(path: str, address: str, streams: int, requests_per_stream: int
 
 def run(gpu_type: str = "A100-80G", time_scale: float = 1.0, concurrency: tuple[int, ...] = (1, 64),
         repeats: int = 2, requests_per_stream: int = 4, prompt_tokens: int = 32, max_tokens: int = 128,
-        out: Path | None = Path("bench/results/stream.json"), console: Console | None = None) -> dict:
+        out: Path | None = Path("bench/results/stream.json"), console: Console | None = None,
+        stream_interval_ms: float = 0.0) -> dict:
     console = console or Console(stderr=True)
     spec = ClusterSpec(workers=[WorkerSpec(id="bench-0", gpu_type=gpu_type, time_scale=time_scale)])
     rows = []
     with console.status("starting the stack ..."):
-        stack = LocalStack(spec, gateway_port=0).start()
+        stack = LocalStack(spec, gateway_port=0, env={"TANDEM_STREAM_INTERVAL_MS": str(stream_interval_ms)}).start()
     try:
         targets = {"direct": stack.worker_address("bench-0"), "gateway": stack.gateway_address}
         asyncio.run(_drive("gateway", targets["gateway"], 4, 1, prompt_tokens, 8))        # warm both paths
@@ -106,6 +107,7 @@ def run(gpu_type: str = "A100-80G", time_scale: float = 1.0, concurrency: tuple[
     finally:
         stack.stop()
     table = Table(title=f"gateway hop vs direct: sim {gpu_type} worker, time scale {time_scale:g}, "
+                        f"stream interval {stream_interval_ms:g} ms, "
                         f"{prompt_tokens}-token prompts, {max_tokens} tokens each, median of {repeats}")
     for col in ("streams", "direct tok/s", "gateway tok/s", "gateway/direct", "TTFT p50 direct ms",
                 "TTFT p50 gateway ms", "added TTFT p50 ms"):
@@ -115,7 +117,8 @@ def run(gpu_type: str = "A100-80G", time_scale: float = 1.0, concurrency: tuple[
                       f"{r['ratio']:.2f}x", f"{r['direct_ttft_p50_ms']:.2f}", f"{r['gateway_ttft_p50_ms']:.2f}",
                       f"{r['added_ttft_p50_ms']:.2f}")
     console.print(table)
-    payload = {"gpu_type": gpu_type, "time_scale": time_scale, "prompt_tokens": prompt_tokens,
+    payload = {"gpu_type": gpu_type, "time_scale": time_scale, "stream_interval_ms": stream_interval_ms,
+               "prompt_tokens": prompt_tokens,
                "max_tokens": max_tokens, "repeats": repeats, "rows": rows}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")

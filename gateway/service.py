@@ -19,6 +19,7 @@ from opentelemetry import trace
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from gateway.auth import AuthError, authenticate
+from gateway.coalesce import coalesced
 from gateway.local_call import CallFailed
 from gateway.metrics import GatewayMetrics
 from services import rpc
@@ -280,13 +281,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         call = self._worker(choice.address).Generate(worker_request, timeout=context.time_remaining(),
                                                      metadata=self.telemetry.outgoing_metadata())
         try:
-            async for chunk in call:
+            async for chunks in coalesced(call):     # what came while the last write was in flight: one message
                 now = time.perf_counter()
-                if chunk.token_ids:
+                chunk = chunks[-1]
+                if len(chunks) == 1:
+                    reply = gateway_pb2.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+                else:
+                    reply = gateway_pb2.GenerateResponse(text="".join(c.text for c in chunks),
+                                                         token_ids=[t for c in chunks for t in c.token_ids])
+                if reply.token_ids:
                     relay.first_token = relay.first_token or now
                     relay.last_token = now
-                    relay.tokens_sent += len(chunk.token_ids)
-                reply = gateway_pb2.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids)
+                    relay.tokens_sent += len(reply.token_ids)
                 if chunk.finish_reason:
                     reply.finish_reason = chunk.finish_reason
                     reply.request_id = relay.client_request_id or worker_request.request_id

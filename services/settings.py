@@ -81,6 +81,8 @@ class WorkerSettings(ServiceSettings):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory for weights and KV")
     cpu_kv_tokens: int = Field(65536, gt=0, description="torch executor on CPU: KV cache size in tokens")
     torch_threads: int = Field(0, ge=0, description="torch executor: intra-op threads; 0 = torch's default")
+    stream_interval_ms: float = Field(0.0, ge=0, description="after its first token, a stream sends at most one "
+                                      "message this often (tokens in between go together); 0: one per step")
 
 
 class GatewaySettings(ServiceSettings):

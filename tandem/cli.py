@@ -335,12 +335,13 @@ def bench_stream(gpu_type: str = typer.Option("A100-80G", help="the sim worker's
                  time_scale: float = typer.Option(1.0, help="scale its step times (<1: a faster GPU)"),
                  repeats: int = typer.Option(2, min=1), requests_per_stream: int = typer.Option(4, min=1),
                  max_tokens: int = typer.Option(128, min=1),
+                 stream_interval_ms: float = typer.Option(0.0, min=0, help="the worker's --stream-interval-ms"),
                  out: Path = typer.Option(Path("bench/results/stream.json"))) -> None:
     """Tokens/s and added TTFT through the gateway vs straight from a worker, at 1 and 64 streams."""
     from bench.stream import run
 
     run(gpu_type=gpu_type, time_scale=time_scale, repeats=repeats, requests_per_stream=requests_per_stream,
-        max_tokens=max_tokens, out=out, console=console)
+        max_tokens=max_tokens, out=out, console=console, stream_interval_ms=stream_interval_ms)
 
 
 @bench_app.command("engine")
@@ -358,6 +359,15 @@ def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = type
     except StackError as e:
         console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
+
+
+@bench_app.command("loop")
+def bench_loop(out: Path = typer.Option(Path("bench/results/loop.json"))) -> None:
+    """A burst of 64 greedy requests on a tiny checkpoint through the gateway against transformers' static batches
+    of 32, and the engine loop's own time per step at batch 64 (the forward pass timed apart)."""
+    from bench.loop import run
+
+    run(out=out, console=console)
 
 
 @bench_app.command("cluster")

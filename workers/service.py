@@ -96,6 +96,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {e}")
             self._span_contexts[rid] = span.get_span_context()
             done = False
+            pace = self.cfg.stream_interval_ms / 1000
             self.open_streams += 1
             try:
                 while not done:
@@ -114,6 +115,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                         reply.finish_reason = chunk.finish_reason or "abort"
                         reply.metrics.CopyFrom(self._metrics(engine_request))
                     await context.write(reply)
+                    if pace and not done:
+                        await asyncio.sleep(pace)      # the tokens of the steps meanwhile go in one message
             finally:
                 self.open_streams -= 1
                 if not done:

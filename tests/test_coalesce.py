@@ -1,0 +1,72 @@
+"""Coalescing streams: the gateway's relay batches what arrived during a slow write, and a worker's
+``stream_interval_ms`` sends the tokens of several steps in one message; nothing is lost or reordered."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from gateway.coalesce import coalesced
+from services.cluster import ClusterSpec, WorkerSpec
+from services.rpc import gateway_pb2, gateway_pb2_grpc
+from tests.helpers import start_stack
+
+
+async def source(items, gap=0.0, fail=None):
+    for i in items:
+        await asyncio.sleep(gap)
+        yield i
+    if fail is not None:
+        raise fail
+
+
+async def consume(stream, work=0.0):
+    batches = []
+    async for batch in coalesced(stream):
+        batches.append(batch)
+        await asyncio.sleep(work)
+    return batches
+
+
+def test_a_consumer_that_keeps_up_gets_one_item_a_batch():
+    batches = asyncio.run(consume(source(range(20), gap=0.002)))
+    assert batches == [[i] for i in range(20)]
+
+
+def test_a_slow_consumer_gets_everything_in_order_in_fewer_batches():
+    batches = asyncio.run(consume(source(range(200), gap=0.0005), work=0.02))
+    assert [i for b in batches for i in b] == list(range(200))
+    assert len(batches) < 60
+
+
+def test_an_error_comes_after_the_items_before_it():
+    async def main():
+        got = []
+        with pytest.raises(ValueError, match="worker gone"):
+            async for batch in coalesced(source(range(5), fail=ValueError("worker gone"))):
+                got.extend(batch)
+        return got
+
+    assert asyncio.run(main()) == list(range(5))
+
+
+@pytest.mark.slow
+def test_a_stream_interval_puts_several_steps_tokens_in_one_message(tmp_path):
+    stack = start_stack(ClusterSpec(workers=[WorkerSpec(id="w0", time_scale=0.2)]), tmp_path,
+                        env={"TANDEM_STREAM_INTERVAL_MS": "40"})
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(stack.gateway_address) as channel:
+                stub = gateway_pb2_grpc.GatewayStub(channel)
+                return [r async for r in stub.Generate(gateway_pb2.GenerateRequest(
+                    prompt="the quick brown fox", max_tokens=60, ignore_eos=True, temperature=0.0), timeout=60)]
+
+        replies = asyncio.run(main())
+    finally:
+        stack.stop()
+    tokens = [t for r in replies for t in r.token_ids]
+    assert len(tokens) == 60 and replies[-1].metrics.completion_tokens == 60
+    assert len(replies[0].token_ids) == 1           # the first token is not held back
+    assert len(replies) < 30                        # ~3 ms steps: 40 ms carries several tokens a message
