@@ -50,11 +50,12 @@ def burst(seed: int = 0, n: int = N_REQUESTS) -> list[tuple[str, int]]:
     return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 120))), rng.randint(8, 192)) for _ in range(n)]
 
 
-def through_gateway(folder: Path, requests: list[tuple[str, int]], console: Console) -> dict:
+def through_gateway(folder: Path, requests: list[tuple[str, int]], console: Console, threads: int = 0) -> dict:
     from tandem.launcher import LocalStack
 
     spec = ClusterSpec(workers=[WorkerSpec(id="torch-0", executor="torch", model=str(folder.resolve()),
-                                           kv_blocks=4096, max_num_seqs=256, max_num_batched_tokens=2048)])
+                                           kv_blocks=4096, max_num_seqs=256, max_num_batched_tokens=2048,
+                                           torch_threads=threads)])
     with console.status("starting a stack with one torch worker ..."):
         stack = LocalStack(spec, gateway_port=0).start()
     try:
@@ -164,16 +165,19 @@ def loop_cost(folder: Path, requests: list[tuple[str, int]], answer: int = 128) 
             "loop_ms_per_step_p50": statistics.median(w - f for w, f in full) * 1000}
 
 
-def run(out: Path | None = Path("bench/results/loop.json"), console: Console | None = None) -> dict:
+def run(out: Path | None = Path("bench/results/loop.json"), console: Console | None = None,
+        torch_threads: int = 0) -> dict:
+    """``torch_threads``: the worker's intra-op threads (0: torch's default, all cores)."""
     console = console or Console(stderr=True)
     folder = loop_checkpoint()
     requests = burst()
     with console.status("the burst in process, forward timed apart ..."):
         cost = loop_cost(folder, requests)
-    gateway = through_gateway(folder, requests, console)
+    gateway = through_gateway(folder, requests, console, torch_threads)
     static = static_batches(folder, requests, console)
     ratio = gateway["tok_s"] / static["tok_s"]
-    table = Table(title=f"{len(requests)} greedy requests at once, random Llama (hidden 128, 3 layers), CPU")
+    table = Table(title=f"{len(requests)} greedy requests at once, random Llama (hidden 128, 3 layers), CPU, "
+                        f"worker torch threads {torch_threads or 'default'}")
     for col in ("engine", "output tokens", "wall s", "tok/s", "vs static"):
         table.add_column(col, justify="right")
     table.add_row("Tandem torch worker, through the gateway", f"{gateway['output_tokens']:,}",
@@ -184,7 +188,7 @@ def run(out: Path | None = Path("bench/results/loop.json"), console: Console | N
     console.print(f"in process, batch 64 ({cost['steps_at_batch_64']} steps): iteration p50 "
                   f"{cost['iteration_ms_p50']:.2f} ms = forward {cost['forward_ms_p50']:.2f} ms + loop "
                   f"{cost['loop_ms_per_step_p50']:.2f} ms")
-    payload = {"requests": requests, "gateway": gateway, "static": static, "ratio": ratio, "loop": cost,
+    payload = {"requests": requests, "torch_threads": torch_threads, "gateway": gateway, "static": static, "ratio": ratio, "loop": cost,
                "checkpoint": str(folder)}
     if out is not None:
         console.print(f"results: {write_json(out, payload)}")

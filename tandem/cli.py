@@ -362,12 +362,13 @@ def bench_engine(requests: int = typer.Option(256, min=1), kv_tokens: int = type
 
 
 @bench_app.command("loop")
-def bench_loop(out: Path = typer.Option(Path("bench/results/loop.json"))) -> None:
+def bench_loop(torch_threads: int = typer.Option(0, min=0, help="the worker's intra-op threads (0: torch's default)"),
+              out: Path = typer.Option(Path("bench/results/loop.json"))) -> None:
     """A burst of 64 greedy requests on a tiny checkpoint through the gateway against transformers' static batches
     of 32, and the engine loop's own time per step at batch 64 (the forward pass timed apart)."""
     from bench.loop import run
 
-    run(out=out, console=console)
+    run(out=out, console=console, torch_threads=torch_threads)
 
 
 @bench_app.command("cluster")
