@@ -1,5 +1,6 @@
-"""A real vLLM worker (vLLM's v1 ``AsyncLLM`` on CPU) behind Tandem's gateway and balancer: greedy output equal to
-transformers', a cancelled stream freeing vLLM's blocks, load reports that move, and calibration probes through it.
+"""A real vLLM worker (vLLM's v1 ``AsyncLLM`` on CPU) started by ``tandem up --executor vllm --model PATH``, behind
+Tandem's gateway and balancer: greedy output equal to transformers', a cancelled stream freeing vLLM's blocks, load
+reports that move, calibration probes through it, and a clean stop on SIGTERM.
 
 vLLM lives in its own environment (``.venv-vllm``, made by ``scripts/dev``); the launcher starts the worker with
 that environment's python. CI must run these: under ``CI=true`` a missing vLLM fails instead of skipping."""
@@ -8,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+from dataclasses import dataclass
 
 import grpc
 import pytest
 
-from services.cluster import ClusterSpec, WorkerSpec
-from services.rpc import balancer_pb2, balancer_pb2_grpc, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
+from services.cluster import WorkerSpec
+from services.rpc import balancer_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tandem.launcher import StackError, worker_python
-from tests.helpers import start_stack, wait_until
+from tests.helpers import tandem_up, wait_until
 from workers.vllm_engine import scheduling_policy
 
 PROMPTS = ["the model of the cluster", "stream batch memory " * 5, "a worker", "cancel the request and free " * 9]
@@ -36,32 +39,44 @@ def vllm_python() -> str:
         pytest.skip(str(e))
 
 
+@dataclass
+class Stack:
+    """What the tests need of a stack started by `tandem up`."""
+
+    gateway_address: str
+    worker_address: str
+
+
 @pytest.fixture(scope="module")
 def vllm_stack(tmp_path_factory):
+    """`tandem up --executor vllm --model PATH`, as a user runs it, on a tiny random checkpoint."""
     vllm_python()
     from workers.executors.checkpoint import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("vllm-llama"), hidden_size=128, num_layers=3, num_heads=2,
                              num_kv_heads=2, intermediate_size=344, vocab_size=512, max_position_embeddings=1024,
                              seed=3)
-    spec = ClusterSpec(engine_policy="fcfs", workers=[WorkerSpec(id="vllm-0", executor="vllm", model=str(folder),
-                                                                 kv_blocks=128, max_num_seqs=16)])
-    stack = start_stack(spec, tmp_path_factory.mktemp("logs"))
+    proc, address, printed = tandem_up(["--executor", "vllm", "--model", str(folder), "--port", "0",
+                                        "--log-dir", str(tmp_path_factory.mktemp("logs"))], timeout=300)
     try:
-        yield stack, folder
+        with grpc.insecure_channel(address) as channel:
+            status = gateway_pb2_grpc.GatewayStub(channel).ClusterStatus(gateway_pb2.ClusterStatusRequest(), timeout=5)
+        yield Stack(address, status.workers[0].info.address), folder
     finally:
-        stack.stop()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, "tandem up did not stop cleanly"
 
 
-def stats(stack) -> worker_pb2.WorkerStats:
-    with grpc.insecure_channel(stack.worker_address("vllm-0")) as channel:
+def stats(stack: Stack) -> worker_pb2.WorkerStats:
+    with grpc.insecure_channel(stack.worker_address) as channel:
         return worker_pb2_grpc.WorkerStub(channel).GetStats(worker_pb2.GetStatsRequest(), timeout=5)
 
 
-def reported_load(stack) -> balancer_pb2.LoadReport:
-    with grpc.insecure_channel(stack.balancer_address) as channel:
-        listing = balancer_pb2_grpc.BalancerStub(channel).ListWorkers(balancer_pb2.ListWorkersRequest(), timeout=5)
-    return listing.workers[0].load
+def reported_load(stack: Stack) -> balancer_pb2.LoadReport:
+    """The worker's load as the balancer last heard it (the gateway's cluster status relays the balancer's)."""
+    with grpc.insecure_channel(stack.gateway_address) as channel:
+        status = gateway_pb2_grpc.GatewayStub(channel).ClusterStatus(gateway_pb2.ClusterStatusRequest(), timeout=5)
+    return status.workers[0].load
 
 
 @pytest.mark.slow
@@ -124,7 +139,7 @@ def test_cancelling_a_stream_frees_vllms_blocks_and_load_reports_follow(vllm_sta
 def test_calibration_probes_run_through_vllm(vllm_stack):
     stack, _ = vllm_stack
     probes = [worker_pb2.ProbeSpec(prefill_tokens=64), worker_pb2.ProbeSpec(batch=4, context=64)]
-    with grpc.insecure_channel(stack.worker_address("vllm-0")) as channel:
+    with grpc.insecure_channel(stack.worker_address) as channel:
         reply = worker_pb2_grpc.WorkerStub(channel).Profile(worker_pb2.ProfileRequest(probes=probes, repeats=1),
                                                             timeout=120)
     assert reply.executor == "vllm" and [r.step_ms > 0 for r in reply.results] == [True, True]
