@@ -244,11 +244,10 @@ class VllmEngine:
         except asyncio.CancelledError:
             self._end(request, RequestStatus.FINISHED_ABORTED)
             raise
-        except Exception as e:      # the engine core died or refused the request
+        except Exception:      # the engine core died or refused the request: the stream ends, aborted
             log.exception("vLLM request failed", extra={"fields": {"request_id": rid}})
             self._end(request, RequestStatus.FINISHED_ABORTED)
             stream.push((), "", "abort")
-            raise RuntimeError(f"vLLM: {e}") from e
         finally:
             self._streams.pop(rid, None)
             self._tasks.pop(rid, None)
