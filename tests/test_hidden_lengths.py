@@ -25,7 +25,7 @@ HIDDEN_NAMES = {"replay_truth", "true_lengths", "TrueLengths", "true_output_len"
 # where the true length may be named: the benchmark side (bench/, the client that knows the trace), the
 # pass-through of the request, the executor's stop rule, the one clairvoyant reference, and the SLO-aware
 # policies' clairvoyant twins (only through the engine option ``clairvoyant``); a vLLM worker's stop rule is vLLM's
-# own max_tokens check (its fcfs and priority schedulers never read max_tokens)
+# own max_tokens check (its fcfs and priority schedulers order requests without it)
 ALLOWED = {"workers/vllm_engine.py", "gateway/service.py", "workers/service.py", "workers/engine.py",
            "workers/build.py", "workers/true_lengths.py", "workers/executors/base.py", "workers/executors/sim.py",
            "workers/executors/torch_executor.py", "workers/policies/oracle.py", "workers/policies/base.py",

@@ -14,7 +14,7 @@ load reports, metrics, tracing of requests and the Profiler's calibration work u
 * running and waiting counts, KV usage, prefix-cache hits and step times come from vLLM's own per-step stats,
   through a stat logger; KV blocks used are vLLM's usage times its block count;
 * a replayed request's true length (benchmarks only) caps ``max_tokens`` and ignores EOS: vLLM's fcfs and priority
-  schedulers never read ``max_tokens``, so this is the executor's stop rule and nothing more.
+  schedulers order requests without it and read it only to stop at the end, so this is the stop rule, no more.
 
 vLLM imports lazily: the rest of Tandem runs without it. It usually lives in its own environment
 (``.venv-vllm``, made by ``scripts/dev``), and the launcher starts vLLM workers with that environment's python.
