@@ -104,13 +104,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._background: set[asyncio.Task] = set()
         self.metrics = GatewayMetrics(host.metrics.meter)
         self.gateway_id = cfg.gateway_id or f"gateway-{uuid.uuid4().hex[:12]}"
+        self._draining = False
+        self._open = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ----- RPCs --------------------------------------------------------------------------------------
     async def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         """Serve one request and count how it ended (the status a client sees, by class)."""
         slo_class = request.slo_class or DEFAULT_CLASS
+        if self._draining:      # refused with a status clients retry elsewhere, not held or cut mid-handshake
+            self.metrics.ended(slo_class if slo_class in self.cfg.slo_classes else "unknown", "UNAVAILABLE")
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "gateway is shutting down; send the request to another gateway")
         code = "UNKNOWN"
         self.metrics.in_flight.add(1)
+        self._open += 1
+        self._idle.clear()
         try:
             await self._generate(request, context)
             code = "OK"
@@ -124,8 +134,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             code = getattr(context.code(), "name", "UNKNOWN")
             raise
         finally:
+            self._open -= 1
+            if self._open == 0:
+                self._idle.set()
             self.metrics.in_flight.add(-1)
             self.metrics.ended(slo_class if slo_class in self.cfg.slo_classes else "unknown", code)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Refuse new requests (UNAVAILABLE) while the open ones finish; True when they did within the grace.
+
+        The server itself keeps accepting meanwhile: a gRPC server that is already stopping answers a call
+        arriving on an open connection with a bare CANCELLED, which a client cannot tell from its own."""
+        self._draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _generate(self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         relay = Relay(time.perf_counter())
@@ -372,6 +397,12 @@ def main(argv: Sequence[str] = ()) -> None:
             lease.append(asyncio.create_task(servicer.keep_lease()))
 
         host.on_start(start_lease)
+
+        async def drain() -> None:
+            finished = await servicer.drain(cfg.drain_grace_s)
+            log.info("drained", extra={"fields": {"clean": finished}})
+
+        host.on_drain(drain)
         if cfg.http_port >= 0:     # the OpenAI-compatible front, on the same request path
             from gateway.openai_http import HttpFront
 

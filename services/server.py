@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from typing import Awaitable, Callable
 
 import grpc
@@ -127,13 +128,14 @@ class ServiceHost:
         print(f"READY {self.name} {self.address}", flush=True)
         await self._stop.wait()
         log.info("draining", extra={"fields": {"grace_s": self.settings.drain_grace_s}})
+        deadline = time.monotonic() + self.settings.drain_grace_s
         await self.health.enter_graceful_shutdown()
         for hook in self._drain_hooks:
             try:
                 await hook()
             except Exception:
                 log.exception("drain hook failed")
-        await self.server.stop(self.settings.drain_grace_s)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))     # one grace in all, hooks included
         self.telemetry.shutdown()
         self.metrics.shutdown()
         log.info("stopped")
