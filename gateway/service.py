@@ -355,7 +355,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def _worker(self, address: str) -> worker_pb2_grpc.WorkerStub:
         stub = self._workers.get(address)
         if stub is None:
-            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(address, self.tls))
+            stub = self._workers[address] = worker_pb2_grpc.WorkerStub(rpc.channel(
+                address, self.tls, stream_window_bytes=self.cfg.worker_stream_window_bytes))
         return stub
 
     def _record(self, request: worker_pb2.WorkerGenerateRequest, metrics: common_pb2.RequestMetrics,

@@ -103,6 +103,9 @@ class GatewaySettings(ServiceSettings):
     chat_template: str = Field("", description="a checkpoint folder whose tokenizer's chat template renders "
                                "chat prompts; empty: a plain role-prefixed transcript")
     gateway_id: str = Field("", description="names this gateway's lease at the balancer; default: a random id")
+    worker_stream_window_bytes: int = Field(256, ge=0, description="receive window per worker stream: a gateway "
+                                            "that falls behind makes its workers send several tokens a message; "
+                                            "0: gRPC's default (64 KiB and growing)")
     tls_client_auth: bool = Field(False, description="with tls_ca: clients must present a certificate (the "
                                   "public port usually takes any client)")
 

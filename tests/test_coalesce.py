@@ -10,7 +10,8 @@ import pytest
 
 from gateway.coalesce import coalesced
 from services.cluster import ClusterSpec, WorkerSpec
-from services.rpc import gateway_pb2, gateway_pb2_grpc
+from services import rpc
+from services.rpc import common_pb2, gateway_pb2, gateway_pb2_grpc, worker_pb2, worker_pb2_grpc
 from tests.helpers import start_stack
 
 
@@ -70,3 +71,34 @@ def test_a_stream_interval_puts_several_steps_tokens_in_one_message(tmp_path):
     assert len(tokens) == 60 and replies[-1].metrics.completion_tokens == 60
     assert len(replies[0].token_ids) == 1           # the first token is not held back
     assert len(replies) < 30                        # ~3 ms steps: 40 ms carries several tokens a message
+
+
+@pytest.mark.slow
+def test_a_small_receive_window_makes_a_worker_batch_tokens_for_a_reader_that_falls_behind(tmp_path):
+    """The gateway's worker channels (``worker_stream_window_bytes``): a reader that takes 25 ms a message holds
+    the worker's next write, and the tokens of the steps meanwhile go out together. With gRPC's default window
+    the same reader is sent one message a token, queued up for it."""
+    stack = start_stack(ClusterSpec(workers=[WorkerSpec(id="w0", time_scale=0.2)]), tmp_path)
+    try:
+        async def read_slowly(window: int, n: int) -> list[worker_pb2.WorkerGenerateResponse]:
+            async with rpc.channel(stack.worker_address("w0"), stream_window_bytes=window) as channel:
+                call = worker_pb2_grpc.WorkerStub(channel).Generate(worker_pb2.WorkerGenerateRequest(
+                    request_id=f"slow-{window}", prompt="the quick brown fox",
+                    sampling=common_pb2.SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0, ignore_eos=True)),
+                    timeout=60)
+                replies = []
+                async for reply in call:
+                    replies.append(reply)
+                    await asyncio.sleep(0.025)
+                return replies
+
+        small = asyncio.run(read_slowly(256, 120))
+        default = asyncio.run(read_slowly(0, 120))
+    finally:
+        stack.stop()
+    for replies in (small, default):
+        assert [len(r.token_ids) for r in replies].count(0) <= 1 and replies[-1].finish_reason == "length"
+        assert sum(len(r.token_ids) for r in replies) == 120
+    print(f"\nmessages for 120 tokens: window 256 B {len(small)}, default window {len(default)}")
+    assert len(default) >= 100            # every step's token queued as its own message
+    assert len(small) <= 60               # the worker waited for the reader, and batched meanwhile
