@@ -102,3 +102,37 @@ def test_a_small_receive_window_makes_a_worker_batch_tokens_for_a_reader_that_fa
     print(f"\nmessages for 120 tokens: window 256 B {len(small)}, default window {len(default)}")
     assert len(default) >= 100            # every step's token queued as its own message
     assert len(small) <= 60               # the worker waited for the reader, and batched meanwhile
+
+
+@pytest.mark.slow
+def test_streams_whose_reader_stopped_do_not_hold_up_the_others_on_the_same_connection(tmp_path):
+    """The small window is per stream: 20 streams nobody reads any more (a client that went quiet) leave the
+    connection's other streams at full speed."""
+    stack = start_stack(ClusterSpec(workers=[WorkerSpec(id="w0", time_scale=0.2)]), tmp_path)
+    try:
+        async def main() -> tuple[float, int]:
+            async with rpc.channel(stack.worker_address("w0"), stream_window_bytes=256) as channel:
+                stub = worker_pb2_grpc.WorkerStub(channel)
+
+                def call(name: str, n: int):
+                    return stub.Generate(worker_pb2.WorkerGenerateRequest(
+                        request_id=name, prompt="the quick brown fox",
+                        sampling=common_pb2.SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0, ignore_eos=True)),
+                        timeout=60)
+
+                stuck = [call(f"stuck-{i}", 2000) for i in range(20)]
+                for s in stuck:
+                    await s.read()                       # the first message, then nothing more is read
+                await asyncio.sleep(0.5)                 # their windows are full by now
+                started = asyncio.get_running_loop().time()
+                tokens = sum([len(r.token_ids) async for r in call("reader", 100)])
+                took = asyncio.get_running_loop().time() - started
+                for s in stuck:
+                    s.cancel()
+                return took, tokens
+
+        took, tokens = asyncio.run(main())
+    finally:
+        stack.stop()
+    print(f"\n100 tokens beside 20 stalled streams in {took:.2f} s")
+    assert tokens == 100 and took < 5.0
