@@ -116,6 +116,31 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     assert engine.scheduler.blocks.num_used_blocks == 0
 
 
+def test_weights_cache_and_every_step_stay_on_one_torch_thread(tiny):
+    """torch's CPU thread pool belongs to the thread that first runs parallel work; a forward pass started
+    from another thread (as asyncio's pool hands out) ran 2-3x slower. Loading, the cache and all steps must
+    share one thread, which is not the event loop's."""
+    import threading
+
+    seen: list[int] = []
+    real = TorchExecutor.run
+
+    def spy(self, step, requests):  # type: ignore[no-untyped-def]
+        seen.append(threading.get_ident())
+        return real(self, step, requests)
+
+    loader: list[int] = []
+    TorchExecutor.run = spy
+    try:
+        out, engine = run_engine(tiny, [(f"prompt {i} " * (i + 1), SamplingParams(max_tokens=6, temperature=0.0,
+                                                                                 ignore_eos=True)) for i in range(6)])
+        loader.append(engine.executor._on_torch_thread(threading.get_ident))
+    finally:
+        TorchExecutor.run = real
+    assert len(seen) >= 6 and set(seen) == set(loader)
+    assert loader[0] != threading.get_ident()
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     row = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     r = Request("x", [1], SamplingParams(temperature=1.0, top_p=0.75), 0.0)
