@@ -1,7 +1,7 @@
 """The torch executor: runs a local Hugging-Face-format Llama-family checkpoint on CPU or CUDA.
 
-Inputs of each step are built from the scheduler's block tables on the event loop; the forward pass and
-sampling then run in the executor's one torch thread, so the service keeps streaming while the model computes.
+Each step is read from the scheduler's block tables on the event loop as plain lists; its tensors, the forward
+pass and sampling then run in the executor's one torch thread, so the service keeps streaming while the model computes.
 That thread also loads the weights and allocates the KV cache: on CPU, torch's OpenMP pool belongs to the
 thread that first runs parallel work, and a second thread doing so (the loop's, or whichever of asyncio's pool
 threads came next) made the forward pass 2-3x slower here (2.9-3.6 ms against 8.7-9.4 ms a batch-64 step of
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
@@ -27,6 +28,20 @@ from workers.scheduler import SchedulerOutput
 from workers.true_lengths import TrueLengths
 
 T = TypeVar("T")
+
+
+@dataclass
+class StepPlan:
+    """One step as plain lists: new tokens in order, their positions and cache slots, decodes as (row, blocks
+    read, context length), prefill chunks as (row start, length, context before, blocks read or None), and the
+    rows whose next token is sampled."""
+
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    decodes: list[tuple[int, list[int], int]] = field(default_factory=list)
+    prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)
+    logit_rows: list[int] = field(default_factory=list)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,77 +141,77 @@ class TorchExecutor:
         return self._torch_thread.submit(fn, *args).result()
 
     # ----- one step ----------------------------------------------------------------------------------
-    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, list[Request]]:
+    def prepare(self, batch: SchedulerOutput) -> tuple[StepPlan, list[Request]]:
+        """The step as plain lists, copied from the block tables on the event loop (an abort may change a table
+        the moment the loop moves on); the torch thread turns them into tensors."""
         assert self.blocks is not None, "bind_blocks first"
         bs = self.blocks.block_size
-        tokens: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
-        logit_rows: list[int] = []
+        plan = StepPlan()
         sampled: list[Request] = []
         for item in batch.scheduled:
             r, n, before = item.request, item.num_new_tokens, item.context_before
             table = self.blocks.block_table(r.request_id)
-            start = len(tokens)
+            start = len(plan.tokens)
             prompt_len = len(r.prompt_token_ids)
             if before + n <= prompt_len:
-                tokens.extend(r.prompt_token_ids[before:before + n])
+                plan.tokens.extend(r.prompt_token_ids[before:before + n])
             else:
-                tokens.extend((r.prompt_token_ids + r.output_token_ids)[before:before + n])
-            positions.extend(range(before, before + n))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(before, before + n))
+                plan.tokens.extend((r.prompt_token_ids + r.output_token_ids)[before:before + n])
+            plan.positions.extend(range(before, before + n))
+            plan.slots.extend(table[p // bs] * bs + p % bs for p in range(before, before + n))
+            reads = table[:-(-(before + n) // bs)]      # the blocks its keys are read from
             if n == 1 and before > 0:
-                decode_rows.append(start)
-                decode_tables.append(table)
-                decode_lens.append(before + 1)
+                plan.decodes.append((start, reads, before + 1))
             else:
-                key_blocks = torch.tensor(table[:-(-(before + n) // bs)]) if before > 0 else None
-                prefills.append((start, n, before, key_blocks))
+                plan.prefills.append((start, n, before, reads if before > 0 else None))
             if item.samples:
-                logit_rows.append(len(tokens) - 1)
+                plan.logit_rows.append(len(plan.tokens) - 1)
                 sampled.append(r)
+        return plan, sampled
+
+    def inputs(self, plan: StepPlan) -> StepInputs:
+        """The step's tensors (on the torch thread: on CPU the larger ones are filled by its thread pool)."""
         dev = self.device
-        step = StepInputs(
-            token_ids=torch.tensor(tokens, device=dev), positions=torch.tensor(positions, device=dev),
-            slot_mapping=torch.tensor(slots, device=dev),
-            decodes=self._decode_groups(decode_rows, decode_tables, decode_lens, bs),
-            prefills=[(s, n, b, k.to(dev) if k is not None else None) for s, n, b, k in prefills],
-            logit_rows=torch.tensor(logit_rows, device=dev, dtype=torch.long))
-        return step, sampled
+        assert self.blocks is not None
+        return StepInputs(
+            token_ids=torch.tensor(plan.tokens, device=dev), positions=torch.tensor(plan.positions, device=dev),
+            slot_mapping=torch.tensor(plan.slots, device=dev),
+            decodes=self._decode_groups(plan.decodes, self.blocks.block_size),
+            prefills=[(s, n, b, torch.tensor(k, device=dev) if k is not None else None)
+                      for s, n, b, k in plan.prefills],
+            logit_rows=torch.tensor(plan.logit_rows, device=dev, dtype=torch.long))
 
     GROUP_SPREAD = 1.5      # a decode group's longest context is at most this times its shortest (plus a block)
 
-    def _decode_groups(self, rows: list[int], tables: list[list[int]], lens: list[int], bs: int
+    def _decode_groups(self, decodes: list[tuple[int, list[int], int]], bs: int
                        ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Decodes sorted by context and cut into groups of similar length, each padded to its own longest."""
-        order = sorted(range(len(rows)), key=lens.__getitem__)
-        groups: list[list[int]] = []
-        for i in order:
-            if groups and lens[i] <= self.GROUP_SPREAD * lens[groups[-1][0]] + bs:
-                groups[-1].append(i)
+        """Decodes (row, blocks read, context length) sorted by context and cut into groups of similar length,
+        each padded to its own longest."""
+        order = sorted(decodes, key=lambda d: d[2])
+        groups: list[list[tuple[int, list[int], int]]] = []
+        for d in order:
+            if groups and d[2] <= self.GROUP_SPREAD * groups[-1][0][2] + bs:
+                groups[-1].append(d)
             else:
-                groups.append([i])
+                groups.append([d])
         out = []
         dev = self.device
         for group in groups:
-            width = -(-max(lens[i] for i in group) // bs)      # blocks the group's longest decode reads
-            blocks = torch.tensor([tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in group])
-            mask = torch.arange(width * bs)[None, :] < torch.tensor([lens[i] for i in group])[:, None]
-            out.append((torch.tensor([rows[i] for i in group], device=dev), blocks.to(dev),
-                        mask.view(len(group), 1, 1, width * bs).to(dev)))
+            width = max(len(reads) for _, reads, _ in group)      # blocks the group's longest decode reads
+            blocks = torch.tensor([reads + [0] * (width - len(reads)) for _, reads, _ in group], device=dev)
+            lens = torch.tensor([n for _, _, n in group], device=dev)
+            mask = torch.arange(width * bs, device=dev)[None, :] < lens[:, None]
+            out.append((torch.tensor([row for row, _, _ in group], device=dev), blocks,
+                        mask.view(len(group), 1, 1, width * bs)))
         return out
 
-    def run(self, step: StepInputs, requests: list[Request]) -> dict[str, int]:
-        logits = self.model.forward(step)
+    def run(self, plan: StepPlan, requests: list[Request]) -> dict[str, int]:
+        logits = self.model.forward(self.inputs(plan))
         return self.sample(logits, requests)
 
     async def execute(self, batch: SchedulerOutput) -> dict[str, int]:
-        step, requests = self.prepare(batch)
-        sampled = await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.run, step, requests)
+        plan, requests = self.prepare(batch)
+        sampled = await asyncio.get_running_loop().run_in_executor(self._torch_thread, self.run, plan, requests)
         self.true_lengths.end_answers(batch, sampled, self.tokenizer.eos_token_id)
         return sampled
 
