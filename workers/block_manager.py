@@ -142,15 +142,26 @@ class BlockManager:
         del self._content[block]
 
     # ----- prefix cache ------------------------------------------------------------------------------
+    def _block_tokens(self, request: Request, i: int) -> tuple[int, ...]:
+        """The tokens of the request's block ``i``, sliced from the prompt and the output as they fall (not from
+        their concatenation, which cost a copy of the whole context per block)."""
+        bs = self.block_size
+        start, end = i * bs, (i + 1) * bs
+        prompt = request.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return tuple(prompt[start:end])
+        if start >= n:
+            return tuple(request.output_token_ids[start - n:end - n])
+        return tuple(prompt[start:]) + tuple(request.output_token_ids[:end - n])
+
     def _keys(self, request: Request, n_blocks: int) -> list[int]:
         """The chained keys of the request's first ``n_blocks`` full blocks (kept on the request)."""
         keys = request.block_hashes
-        bs = self.block_size
         if len(keys) < n_blocks:
-            tokens = request.prompt_token_ids + request.output_token_ids
             parent = keys[-1] if keys else 0
             for i in range(len(keys), n_blocks):
-                parent = hash((parent, tuple(tokens[i * bs:(i + 1) * bs])))
+                parent = hash((parent, self._block_tokens(request, i)))
                 keys.append(parent)
         return keys
 
@@ -164,13 +175,11 @@ class BlockManager:
         if n <= 0:
             return []
         keys = self._keys(request, n)
-        tokens = request.prompt_token_ids + request.output_token_ids if n * bs > request.num_prompt_tokens \
-            else request.prompt_token_ids
         out: list[int] = []
         parent = 0
         for i in range(n):
             block = self._by_key.get(keys[i])
-            if block is None or self._content[block] != (parent, tuple(tokens[i * bs:(i + 1) * bs])):
+            if block is None or self._content[block] != (parent, self._block_tokens(request, i)):
                 break
             out.append(block)
             parent = keys[i]
@@ -203,15 +212,13 @@ class BlockManager:
             return
         table = self._tables[rid]
         keys = self._keys(request, full)
-        bs = self.block_size
-        tokens = request.prompt_token_ids + request.output_token_ids
         for i in range(done, full):
             key, block = keys[i], table[i]
             if key in self._by_key or block in self._key_of:
                 continue          # computed twice at once (the other copy is cached), or already registered
             self._by_key[key] = block
             self._key_of[block] = key
-            self._content[block] = (keys[i - 1] if i else 0, tuple(tokens[i * bs:(i + 1) * bs]))
+            self._content[block] = (keys[i - 1] if i else 0, self._block_tokens(request, i))
         self._committed[rid] = full
 
     def reset_cache(self) -> int:
