@@ -272,3 +272,14 @@ def replace_hashes(item):
     from dataclasses import replace
 
     return replace(item, prefix_hashes=())
+
+
+@given(st.lists(st.integers(0, 9), max_size=20), st.lists(st.integers(0, 9), max_size=20), st.data())
+def test_a_requests_token_slice_equals_slicing_prompt_then_output(prompt, output, data):
+    """What block keys and a step's inputs read, without concatenating the two lists."""
+    r = Request("r", prompt, SamplingParams(max_tokens=32), 0.0)
+    for t in output:
+        r.append_output(t)
+    start = data.draw(st.integers(0, len(prompt) + len(output)))
+    end = data.draw(st.integers(start, len(prompt) + len(output)))
+    assert r.token_ids(start, end) == (prompt + output)[start:end]

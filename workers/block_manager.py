@@ -143,17 +143,7 @@ class BlockManager:
 
     # ----- prefix cache ------------------------------------------------------------------------------
     def _block_tokens(self, request: Request, i: int) -> tuple[int, ...]:
-        """The tokens of the request's block ``i``, sliced from the prompt and the output as they fall (not from
-        their concatenation, which cost a copy of the whole context per block)."""
-        bs = self.block_size
-        start, end = i * bs, (i + 1) * bs
-        prompt = request.prompt_token_ids
-        n = len(prompt)
-        if end <= n:
-            return tuple(prompt[start:end])
-        if start >= n:
-            return tuple(request.output_token_ids[start - n:end - n])
-        return tuple(prompt[start:]) + tuple(request.output_token_ids[:end - n])
+        return tuple(request.token_ids(i * self.block_size, (i + 1) * self.block_size))
 
     def _keys(self, request: Request, n_blocks: int) -> list[int]:
         """The chained keys of the request's first ``n_blocks`` full blocks (kept on the request)."""

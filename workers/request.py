@@ -108,6 +108,17 @@ class Request:
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``start:end`` of prompt then output, sliced from each as they fall: concatenating the two
+        copied the whole context on every decode step."""
+        prompt = self.prompt_token_ids
+        n = len(prompt)
+        if end <= n:
+            return list(prompt[start:end])
+        if start >= n:
+            return self.output_token_ids[start - n:end - n]
+        return list(prompt[start:]) + self.output_token_ids[:end - n]
+
     @property
     def num_pending_tokens(self) -> int:
         """Tokens still to run through the model before the next token can be sampled."""

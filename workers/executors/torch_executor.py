@@ -43,6 +43,7 @@ class StepPlan:
     prefills: list[tuple[int, int, int, list[int] | None]] = field(default_factory=list)
     logit_rows: list[int] = field(default_factory=list)
 
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,11 +153,7 @@ class TorchExecutor:
             r, n, before = item.request, item.num_new_tokens, item.context_before
             table = self.blocks.block_table(r.request_id)
             start = len(plan.tokens)
-            prompt_len = len(r.prompt_token_ids)
-            if before + n <= prompt_len:
-                plan.tokens.extend(r.prompt_token_ids[before:before + n])
-            else:
-                plan.tokens.extend((r.prompt_token_ids + r.output_token_ids)[before:before + n])
+            plan.tokens.extend(r.token_ids(before, before + n))
             plan.positions.extend(range(before, before + n))
             plan.slots.extend(table[p // bs] * bs + p % bs for p in range(before, before + n))
             reads = table[:-(-(before + n) // bs)]      # the blocks its keys are read from
